@@ -1,0 +1,414 @@
+"""The Redis Streams bus: a bounded batch producer and a consumer-group runner.
+
+Delivery is at-least-once; handlers are idempotent, so effects happen once.
+The consumer keeps these promises:
+
+* At start it first re-reads its own pending entries (a restarted replica has a
+  stable consumer name and finds them), then reads new ones.
+* Entries left idle by a dead replica are taken over with XAUTOCLAIM on a timer.
+* An entry that does not decode, or whose handling fails on its N-th delivery,
+  is added to the group's dead-letter stream with its reason *before* it is
+  acknowledged, so a crash leaves a duplicate, never a loss.
+* The handler's outputs, dead letters and the acknowledgement go in one MULTI.
+* After a failure in one stream, the rest of that stream's batch is left pending
+  and re-read in order, so per-symbol order holds.
+* Every XADD is bounded (MAXLEN ~).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from gridstream.common import codec, metrics
+from gridstream.common.messages import AnyMessage
+from gridstream.common.streams import DEAD_LETTER_MAXLEN, DEFAULT_MAXLEN, dead_letters
+
+log = logging.getLogger("gridstream.bus")
+
+#: Dead-letter entry fields, defined once (``gridstream dlq`` reads them back).
+DLQ_STREAM: Final = b"stream"
+DLQ_ENTRY: Final = b"entry_id"
+DLQ_REASON: Final = b"reason"
+DLQ_DELIVERIES: Final = b"deliveries"
+DLQ_PAYLOAD: Final = b"payload"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One decoded stream entry handed to a handler."""
+
+    stream: str
+    entry_id: bytes
+    message: AnyMessage
+    deliveries: int
+
+
+#: (stream, message) pairs a handler wants published.
+Outgoing = tuple[str, AnyMessage]
+Handler = Callable[[Sequence[Delivery]], Awaitable[Sequence[Outgoing]]]
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Producer:
+    """Pipelined, bounded XADD of encoded messages."""
+
+    def __init__(self, redis: aioredis.Redis, *, maxlen: int = DEFAULT_MAXLEN, service: str = ""):
+        self.redis = redis
+        self.maxlen = maxlen
+        self.service = service
+
+    async def publish(self, items: Iterable[Outgoing]) -> int:
+        """Add all items in one round trip (no transaction); returns how many."""
+        pipe = self.redis.pipeline(transaction=False)
+        n = 0
+        per_stream: dict[str, int] = {}
+        for stream, msg in items:
+            pipe.xadd(
+                stream, {codec.FIELD: codec.encode(msg)}, maxlen=self.maxlen, approximate=True
+            )
+            per_stream[stream] = per_stream.get(stream, 0) + 1
+            n += 1
+        if n:
+            await pipe.execute()
+            for stream, count in per_stream.items():
+                metrics.MESSAGES_OUT.labels(self.service, stream).inc(count)
+        return n
+
+
+class Consumer:
+    """Runs a handler over a set of streams as one member of a consumer group."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        group: str,
+        consumer: str,
+        streams: Sequence[str],
+        handler: Handler,
+        batch_size: int = 500,
+        block_ms: int = 1000,
+        max_deliveries: int = 5,
+        claim_idle_ms: int = 60_000,
+        claim_interval_s: float = 15.0,
+        maxlen: int = DEFAULT_MAXLEN,
+        retry_backoff_s: float = 0.2,
+    ) -> None:
+        if not streams:
+            raise ValueError("a consumer needs at least one stream")
+        self.redis = redis
+        self.group = group
+        self.consumer = consumer
+        self.streams = list(streams)
+        self.handler = handler
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.max_deliveries = max_deliveries
+        self.claim_idle_ms = claim_idle_ms
+        self.claim_interval_s = claim_interval_s
+        self.maxlen = maxlen
+        self.retry_backoff_s = retry_backoff_s
+        self.dead_letter_stream = dead_letters(group)
+        # Phase: while True, read own pending history (cursor per stream) before new entries.
+        self._pending_mode = True
+        self._pending_cursor: dict[str, bytes] = dict.fromkeys(self.streams, b"0")
+        self._last_claim = 0.0
+        self._stop = asyncio.Event()
+        self.processed = 0
+        self.dead_lettered = 0
+
+    # -- set-up -------------------------------------------------------------------------
+    async def ensure_groups(self, start_id: str = "0") -> None:
+        """Create the group on every stream (and the stream itself) if missing."""
+        for stream in self.streams:
+            try:
+                await self.redis.xgroup_create(stream, self.group, id=start_id, mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def stop(self) -> None:
+        """Ask the loop to finish the batch in hand and return."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    # -- main loop ------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Process until :meth:`stop` is called."""
+        await self.ensure_groups()
+        while not self._stop.is_set():
+            try:
+                await self.run_once()
+            except (ConnectionError, OSError, aioredis.ConnectionError) as exc:
+                metrics.RECONNECTS.labels(self.group, "redis").inc()
+                log.warning("redis unavailable, retrying: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def run_once(self) -> int:
+        """Read and process one batch; returns the number of entries handled."""
+        now = time.monotonic()
+        if now - self._last_claim >= self.claim_interval_s:
+            self._last_claim = now
+            claimed = await self.reclaim()
+            if claimed:
+                return claimed
+            await self.update_lag_metrics()
+        if self._pending_mode:
+            entries = await self._read(pending=True)
+            if not entries:
+                self._pending_mode = False
+                return 0
+        else:
+            entries = await self._read(pending=False)
+        if not entries:
+            return 0
+        return await self._process(entries)
+
+    # -- reading ----------------------------------------------------------------------------
+    async def _read(self, *, pending: bool) -> list[tuple[str, bytes, dict[bytes, bytes], int]]:
+        if pending:
+            ids: dict[Any, Any] = {s: self._pending_cursor[s] for s in self.streams}
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, ids, count=self.batch_size
+            )
+        else:
+            ids = dict.fromkeys(self.streams, ">")
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, ids, count=self.batch_size, block=self.block_ms
+            )
+        out: list[tuple[str, bytes, dict[bytes, bytes], int]] = []
+        reply = cast(Any, reply)
+        if not reply:
+            return out
+        items: Any = reply.items() if isinstance(reply, dict) else reply
+        for stream_raw, entries in items:
+            stream = _s(stream_raw)
+            if isinstance(entries, list) and entries and isinstance(entries[0], list):
+                entries = entries[0]  # RESP3 shape
+            if not entries:
+                continue
+            counts: dict[bytes, int] = {}
+            if pending:
+                self._pending_cursor[stream] = entries[-1][0]
+                counts = await self._delivery_counts(stream, entries[0][0], entries[-1][0])
+            for entry_id, fields in entries:
+                out.append((stream, entry_id, fields or {}, counts.get(entry_id, 1)))
+        return out
+
+    async def _delivery_counts(self, stream: str, first: bytes, last: bytes) -> dict[bytes, int]:
+        rows: Any = await self.redis.xpending_range(
+            stream,
+            self.group,
+            min=first,
+            max=last,
+            count=self.batch_size,
+            consumername=self.consumer,
+        )
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    async def reclaim(self) -> int:
+        """Take over entries idle longer than ``claim_idle_ms`` (dead replicas); process them."""
+        total = 0
+        for stream in self.streams:
+            start: bytes | str = "0-0"
+            while True:
+                reply: Any = await self.redis.xautoclaim(
+                    stream,
+                    self.group,
+                    self.consumer,
+                    min_idle_time=self.claim_idle_ms,
+                    start_id=start,
+                    count=self.batch_size,
+                )
+                next_start, claimed = reply[0], reply[1]
+                claimed = [(eid, f) for eid, f in claimed if eid is not None]
+                if claimed:
+                    counts = await self._delivery_counts(stream, claimed[0][0], claimed[-1][0])
+                    entries = [(stream, eid, f or {}, counts.get(eid, 2)) for eid, f in claimed]
+                    log.info("reclaimed %d idle entries from %s", len(entries), stream)
+                    total += await self._process(entries)
+                if _s(next_start) in ("0-0", "0") or not claimed:
+                    break
+                start = next_start
+        return total
+
+    async def update_lag_metrics(self) -> None:
+        """Publish lag and pending counts of this group on every stream."""
+        for stream in self.streams:
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            for info in groups:
+                if _s(info["name"]) != self.group:
+                    continue
+                metrics.CONSUMER_PENDING.labels(self.group, stream).set(info.get("pending") or 0)
+                lag = info.get("lag")
+                if lag is not None:
+                    metrics.CONSUMER_LAG.labels(self.group, stream).set(lag)
+
+    # -- processing ---------------------------------------------------------------------------
+    async def _process(self, entries: list[tuple[str, bytes, dict[bytes, bytes], int]]) -> int:
+        deliveries: list[Delivery] = []
+        dead: list[tuple[str, bytes, str, int, bytes]] = []
+        for stream, entry_id, fields, count in entries:
+            payload = fields.get(codec.FIELD)
+            if payload is None:
+                dead.append((stream, entry_id, "decode: missing field 'm'", count, b""))
+                continue
+            try:
+                msg = codec.decode(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                dead.append((stream, entry_id, f"decode: {exc}", count, payload))
+                continue
+            deliveries.append(Delivery(stream, entry_id, msg, count))
+            metrics.MESSAGES_IN.labels(self.group, stream).inc()
+
+        outputs: list[Outgoing] = []
+        done: list[Delivery] = []
+        started = time.perf_counter()
+        if deliveries:
+            try:
+                outputs.extend(await self.handler(deliveries))
+                done = deliveries
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("batch of %d failed; isolating entries", len(deliveries), exc_info=True)
+                outputs, done, failed_dead = await self._process_one_by_one(deliveries)
+                dead.extend(failed_dead)
+        if deliveries:
+            metrics.HANDLER_LATENCY.labels(self.group).observe(time.perf_counter() - started)
+        await self._commit(outputs, done, dead)
+        self.processed += len(done)
+        return len(done) + len(dead)
+
+    async def _process_one_by_one(
+        self, deliveries: list[Delivery]
+    ) -> tuple[list[Outgoing], list[Delivery], list[tuple[str, bytes, str, int, bytes]]]:
+        outputs: list[Outgoing] = []
+        done: list[Delivery] = []
+        dead: list[tuple[str, bytes, str, int, bytes]] = []
+        blocked: set[str] = set()
+        for d in deliveries:
+            if d.stream in blocked:
+                continue  # keep per-stream order: re-read after the failed entry
+            try:
+                outputs.extend(await self.handler([d]))
+                done.append(d)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                reason = f"handler: {type(exc).__name__}: {exc}"
+                if d.deliveries >= self.max_deliveries:
+                    log.error(
+                        "dead-lettering %s %s after %d deliveries: %s",
+                        d.stream,
+                        _s(d.entry_id),
+                        d.deliveries,
+                        reason,
+                    )
+                    dead.append(
+                        (d.stream, d.entry_id, reason, d.deliveries, codec.encode(d.message))
+                    )
+                else:
+                    log.warning(
+                        "entry %s %s failed (delivery %d of %d): %s",
+                        d.stream,
+                        _s(d.entry_id),
+                        d.deliveries,
+                        self.max_deliveries,
+                        reason,
+                    )
+                    blocked.add(d.stream)
+        if blocked:
+            # Go back to our pending history for the blocked streams, after a short pause.
+            for stream in blocked:
+                self._pending_cursor[stream] = b"0"
+            self._pending_mode = True
+            await asyncio.sleep(self.retry_backoff_s)
+        return outputs, done, dead
+
+    async def _commit(
+        self,
+        outputs: Sequence[Outgoing],
+        done: Sequence[Delivery],
+        dead: Sequence[tuple[str, bytes, str, int, bytes]],
+    ) -> None:
+        if not outputs and not done and not dead:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        per_stream_out: dict[str, int] = {}
+        for stream, msg in outputs:
+            pipe.xadd(
+                stream, {codec.FIELD: codec.encode(msg)}, maxlen=self.maxlen, approximate=True
+            )
+            per_stream_out[stream] = per_stream_out.get(stream, 0) + 1
+        acks: dict[str, list[bytes]] = {}
+        for stream, entry_id, reason, count, payload in dead:
+            pipe.xadd(
+                self.dead_letter_stream,
+                {
+                    DLQ_STREAM: stream,
+                    DLQ_ENTRY: entry_id,
+                    DLQ_REASON: reason[:2000],
+                    DLQ_DELIVERIES: str(count),
+                    DLQ_PAYLOAD: payload,
+                },
+                maxlen=DEAD_LETTER_MAXLEN,
+                approximate=True,
+            )
+            acks.setdefault(stream, []).append(entry_id)
+        for d in done:
+            acks.setdefault(d.stream, []).append(d.entry_id)
+        for stream, ids in acks.items():
+            pipe.xack(stream, self.group, *ids)
+        await pipe.execute()
+        for stream, count in per_stream_out.items():
+            metrics.MESSAGES_OUT.labels(self.group, stream).inc(count)
+        for stream, _eid, reason, _c, _p in dead:
+            metrics.DEAD_LETTERS.labels(self.group, stream, reason.split(":", 1)[0]).inc()
+        self.dead_lettered += len(dead)
+
+
+async def replay_dead_letters(
+    redis: aioredis.Redis, group: str, *, limit: int = 1000, delete: bool = True
+) -> int:
+    """Re-add dead letters of ``group`` to their source streams (after a fix); returns count."""
+    dlq = dead_letters(group)
+    entries: Any = await redis.xrange(dlq, count=limit)
+    n = 0
+    for entry_id, fields in entries:
+        payload = fields.get(DLQ_PAYLOAD)
+        stream = fields.get(DLQ_STREAM)
+        if not payload or not stream:
+            continue
+        pipe = redis.pipeline(transaction=True)
+        pipe.xadd(_s(stream), {codec.FIELD: payload}, maxlen=DEFAULT_MAXLEN, approximate=True)
+        if delete:
+            pipe.xdel(dlq, entry_id)
+        await pipe.execute()
+        n += 1
+    return n
+
+
+async def close_quietly(redis: aioredis.Redis) -> None:
+    """Close a client, ignoring errors at shutdown."""
+    with contextlib.suppress(Exception):
+        await redis.aclose()

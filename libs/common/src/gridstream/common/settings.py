@@ -1,0 +1,152 @@
+"""Settings from the environment (and secret files) into frozen msgspec Structs.
+
+A field ``foo_bar`` is read from ``GS_FOO_BAR``; the few fields listed in
+:data:`UNPREFIXED` (``redis_url``, ``database_url``) are read from their
+conventional names. ``<NAME>_FILE`` names a file holding the value (Docker and
+Kubernetes secrets). Lists are comma separated. Any invalid value raises
+:class:`SettingsError` naming the variable, so a service stops at start.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import msgspec
+
+ENV_PREFIX: Final = "GS_"
+UNPREFIXED: Final = frozenset({"redis_url", "database_url"})
+SECRET_FIELDS: Final = frozenset({"api_key", "api_secret", "database_url", "redis_url"})
+
+Mode = Literal["backtest", "replay", "paper", "testnet", "live"]
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that holds a settings field."""
+    return field.upper() if field in UNPREFIXED else f"{ENV_PREFIX}{field.upper()}"
+
+
+def _is_list(tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin in (list, tuple, frozenset, set):
+        return True
+    if origin is not None:
+        return any(_is_list(a) for a in get_args(tp) if a is not type(None))
+    return False
+
+
+def _raw(name: str, env: Mapping[str, str]) -> str | None:
+    if name in env:
+        return env[name]
+    file_name = f"{name}_FILE"
+    if file_name in env:
+        path = Path(env[file_name])
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"{file_name}: cannot read secret file {path}: {exc}") from exc
+    return None
+
+
+def load_settings(cls: type[T], env: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from the environment, or raise :class:`SettingsError` naming the variable."""
+    env = os.environ if env is None else env
+    hints = get_type_hints(cls)
+    raw: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        name = env_name(field.name)
+        value = _raw(name, env)
+        if value is None:
+            continue
+        if _is_list(hints[field.name]):
+            raw[field.name] = [item.strip() for item in value.split(",") if item.strip()]
+        else:
+            raw[field.name] = value
+    try:
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        for field in msgspec.structs.fields(cls):
+            if f"`$.{field.name}`" in text or f"`$.{field.name}[" in text:
+                shown = "<secret>" if field.name in SECRET_FIELDS else repr(raw.get(field.name))
+                raise SettingsError(
+                    f"{env_name(field.name)}={shown}: {text.split(' - at ')[0]}"
+                ) from None
+        missing = [
+            env_name(f.name)
+            for f in msgspec.structs.fields(cls)
+            if f.required and f.name not in raw
+        ]
+        if missing:
+            raise SettingsError(f"missing required setting(s): {', '.join(missing)}") from None
+        if text.startswith(ENV_PREFIX):
+            raise SettingsError(text) from None
+        raise SettingsError(f"invalid settings for {cls.__name__}: {text}") from None
+
+
+def redact_url(url: str) -> str:
+    """A URL with any password replaced, safe to log."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings every service shares. Services extend it with their own fields."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    database_url: str = "postgresql://postgres@localhost:5432/gridstream"
+    mode: Mode = "replay"
+    symbols: list[str] = msgspec.field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
+    replica: str = "0"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    batch_size: int = 500
+    block_ms: int = 1000
+    max_deliveries: int = 5
+    claim_idle_ms: int = 60_000
+    claim_interval_s: float = 15.0
+    stream_maxlen: int = 100_000
+    live_trading_confirmed: bool = False
+    venue: Literal["simulator", "binance-testnet", "binance"] = "simulator"
+    venue_rest_url: str = "http://127.0.0.1:8900"
+    venue_ws_url: str = "ws://127.0.0.1:8900"
+
+    def __post_init__(self) -> None:
+        if not self.symbols:
+            raise ValueError("GS_SYMBOLS: at least one symbol is required")
+        if self.batch_size < 1:
+            raise ValueError("GS_BATCH_SIZE: must be >= 1")
+        if self.max_deliveries < 1:
+            raise ValueError("GS_MAX_DELIVERIES: must be >= 1")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError("GS_METRICS_PORT: must be within 0..65535")
+        if self.mode == "live" and not self.live_trading_confirmed:
+            raise ValueError(
+                "GS_MODE: live needs GS_LIVE_TRADING_CONFIRMED=true"
+                " (live trading is never a default)"
+            )
+        if self.mode == "live" and self.venue != "binance":
+            raise ValueError("GS_VENUE: mode live trades only on venue 'binance'")
+
+    def __repr__(self) -> str:
+        parts = []
+        for field in msgspec.structs.fields(self):
+            value = getattr(self, field.name)
+            if field.name in SECRET_FIELDS and isinstance(value, str):
+                value = redact_url(value) if "://" in value else "***"
+            parts.append(f"{field.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"

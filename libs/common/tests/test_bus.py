@@ -1,0 +1,275 @@
+"""The bus against a real Redis: takeover, pending re-read, dead letters, effects once, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from gridstream.common import bus, codec
+from gridstream.common import streams as S
+from gridstream.common.bus import Consumer, Delivery, Producer
+
+from .factories import candle, tick
+
+IN = S.stream(S.Kind.TICKS, "BTCUSDT")
+IN2 = S.stream(S.Kind.TICKS, "ETHUSDT")
+OUT = S.stream(S.Kind.CANDLES, "BTCUSDT")
+GROUP = "testsvc"
+
+
+def ticks(n: int, start: int = 0, symbol: str = "BTCUSDT"):
+    return [tick(trade_id=i, symbol=symbol) for i in range(start, start + n)]
+
+
+async def echo(batch: Sequence[Delivery]):
+    return [(OUT, d.message) for d in batch]
+
+
+def consumer(r, name="c1", handler=echo, **kw) -> Consumer:
+    opts = dict(
+        batch_size=100,
+        block_ms=20,
+        max_deliveries=3,
+        claim_idle_ms=60_000,
+        claim_interval_s=3600,
+        retry_backoff_s=0.0,
+    )
+    opts.update(kw)
+    return Consumer(r, group=GROUP, consumer=name, streams=[IN], handler=handler, **opts)
+
+
+async def drain(c: Consumer, rounds: int = 50) -> None:
+    idle = 0
+    for _ in range(rounds):
+        n = await c.run_once()
+        idle = idle + 1 if n == 0 else 0
+        if idle >= 3:
+            return
+
+
+async def out_ids(r) -> list[str]:
+    return [codec.decode(f[codec.FIELD]).id for _, f in await r.xrange(OUT)]
+
+
+@pytest.fixture
+async def r(redis_url):
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_outputs_once_per_input_and_inputs_acknowledged(r):
+    msgs = ticks(250)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    c = consumer(r)
+    await c.ensure_groups()
+    await drain(c)
+    assert await out_ids(r) == [m.id for m in msgs]
+    assert (await r.xpending(IN, GROUP))["pending"] == 0
+
+
+async def test_restarted_replica_rereads_its_own_pending_entries_first(r):
+    msgs = ticks(10)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    c = consumer(r, name="svc-0")
+    await c.ensure_groups()
+    # The replica read 10 entries and died before acknowledging them.
+    await r.xreadgroup(GROUP, "svc-0", {IN: ">"}, count=10)
+    more = ticks(5, start=10)
+    await Producer(r).publish([(IN, m) for m in more])
+    restarted = consumer(r, name="svc-0")
+    first = await restarted.run_once()
+    assert first == 10  # own pending, before anything new
+    assert await out_ids(r) == [m.id for m in msgs]
+    await drain(restarted)
+    assert await out_ids(r) == [m.id for m in msgs + more]
+
+
+async def test_killed_replica_is_taken_over_by_another(r, redis_url):
+    """A real replica process is SIGKILLed holding pending entries; another reclaims them."""
+    msgs = ticks(300)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    await consumer(r).ensure_groups()
+    script = textwrap.dedent(
+        f"""
+        import asyncio, redis.asyncio as aioredis
+        from gridstream.common.bus import Consumer
+        async def stuck(batch):
+            print("got", len(batch), flush=True)
+            await asyncio.sleep(3600)  # dies while handling: nothing acknowledged
+        async def main():
+            r = aioredis.Redis.from_url({redis_url!r})
+            c = Consumer(r, group={GROUP!r}, consumer="victim", streams=[{IN!r}],
+                         handler=stuck, batch_size=120, block_ms=50, claim_interval_s=3600)
+            await c.run()
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.startswith("got 120")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    pending = await r.xpending(IN, GROUP)
+    assert pending["pending"] == 120
+    assert {c["name"] for c in pending["consumers"]} == {b"victim"}
+    time.sleep(0.3)
+    survivor = consumer(r, name="survivor", claim_idle_ms=200, claim_interval_s=0.0)
+    await drain(survivor)
+    got = await out_ids(r)
+    assert sorted(got) == sorted(m.id for m in msgs)
+    assert len(got) == len(set(got)) == 300
+    assert (await r.xpending(IN, GROUP))["pending"] == 0
+
+
+async def test_undecodable_entry_is_dead_lettered_with_reason_and_the_rest_flows(r):
+    good = ticks(3)
+    await Producer(r).publish([(IN, good[0])])
+    await r.xadd(IN, {codec.FIELD: b"\x93not-a-message"})
+    await r.xadd(IN, {b"other": b"field"})
+    await Producer(r).publish([(IN, g) for g in good[1:]])
+    c = consumer(r)
+    await c.ensure_groups()
+    await drain(c)
+    assert await out_ids(r) == [g.id for g in good]
+    dead = await r.xrange(S.dead_letters(GROUP))
+    assert len(dead) == 2
+    reasons = [f[bus.DLQ_REASON].decode() for _, f in dead]
+    assert all(r_.startswith("decode:") for r_ in reasons)
+    assert dead[0][1][bus.DLQ_PAYLOAD] == b"\x93not-a-message"
+    assert dead[0][1][bus.DLQ_STREAM] == IN.encode()
+    assert (await r.xpending(IN, GROUP))["pending"] == 0
+
+
+async def test_poison_entry_fails_n_times_then_dead_letters_and_order_is_kept(r):
+    msgs = ticks(6)
+    poison = msgs[2]
+    seen: list[str] = []
+
+    async def handler(batch):
+        for d in batch:
+            if d.message.id == poison.id:
+                raise ValueError("cannot handle this one")
+        seen.extend(d.message.id for d in batch)
+        return [(OUT, d.message) for d in batch]
+
+    await Producer(r).publish([(IN, m) for m in msgs])
+    c = consumer(r, handler=handler, max_deliveries=3)
+    await c.ensure_groups()
+    await drain(c, rounds=100)
+    dead = await r.xrange(S.dead_letters(GROUP))
+    assert len(dead) == 1
+    assert dead[0][1][bus.DLQ_REASON].decode() == "handler: ValueError: cannot handle this one"
+    assert int(dead[0][1][bus.DLQ_DELIVERIES]) == 3
+    assert codec.decode(dead[0][1][bus.DLQ_PAYLOAD]) == poison
+    # Everything else went through exactly once and in order (nothing after the poison
+    # entry overtook it while it was being retried).
+    expected = [m.id for m in msgs if m.id != poison.id]
+    assert await out_ids(r) == expected
+    assert (await r.xpending(IN, GROUP))["pending"] == 0
+
+
+async def test_effects_happen_once_across_a_crash_between_effect_and_ack(r, database_url):
+    """Durable effect keyed by message id first; crash before the ack; redelivery."""
+    pg = await asyncpg.connect(database_url)
+    await pg.execute("CREATE TABLE effects (msg_id text PRIMARY KEY, n int)")
+    crash_once = {"armed": True}
+
+    async def handler(batch):
+        await pg.executemany(
+            "INSERT INTO effects VALUES ($1, 1) ON CONFLICT (msg_id) DO NOTHING",
+            [(d.message.id,) for d in batch],
+        )
+        if crash_once["armed"]:
+            crash_once["armed"] = False
+            raise ConnectionError("process died after the effect, before the ack")
+        return [(OUT, candle(id=f"out-{d.message.id}")) for d in batch]
+
+    msgs = ticks(50)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    c = consumer(r, handler=handler)
+    await c.ensure_groups()
+    await drain(c)
+    rows = await pg.fetch("SELECT msg_id, n FROM effects")
+    await pg.close()
+    assert len(rows) == 50 and all(row["n"] == 1 for row in rows)
+    outs = await out_ids(r)
+    assert sorted(outs) == sorted(f"out-{m.id}" for m in msgs)
+    assert len(outs) == len(set(outs))
+
+
+async def test_every_xadd_is_bounded(r):
+    p = Producer(r, maxlen=1000)
+    for _ in range(5):
+        await p.publish([(IN, m) for m in ticks(1000)])
+    assert 1000 <= await r.xlen(IN) < 2500
+    c = consumer(r, maxlen=500)
+    await c.ensure_groups()
+    await drain(c, rounds=200)
+    assert 500 <= await r.xlen(OUT) < 1500
+
+
+async def test_several_streams_are_read_by_one_consumer(r):
+    a, b = ticks(20), ticks(20, symbol="ETHUSDT")
+    await Producer(r).publish([(IN, m) for m in a] + [(IN2, m) for m in b])
+    seen: dict[str, list[str]] = {}
+
+    async def handler(batch):
+        for d in batch:
+            seen.setdefault(d.stream, []).append(d.message.id)
+        return []
+
+    c = Consumer(r, group=GROUP, consumer="c", streams=[IN, IN2], handler=handler, block_ms=10)
+    await c.ensure_groups()
+    await drain(c)
+    assert seen == {IN: [m.id for m in a], IN2: [m.id for m in b]}
+
+
+async def test_dead_letters_can_be_replayed(r):
+    msgs = ticks(2)
+    broken = {"on": True}
+
+    async def handler(batch):
+        if broken["on"]:
+            raise RuntimeError("bug")
+        return [(OUT, d.message) for d in batch]
+
+    await Producer(r).publish([(IN, m) for m in msgs])
+    c = consumer(r, handler=handler, max_deliveries=1)
+    await c.ensure_groups()
+    await drain(c)
+    assert await r.xlen(S.dead_letters(GROUP)) == 2
+    broken["on"] = False
+    assert await bus.replay_dead_letters(r, GROUP) == 2
+    assert await r.xlen(S.dead_letters(GROUP)) == 0
+    await drain(c)
+    assert await out_ids(r) == [m.id for m in msgs]
+
+
+async def test_stop_finishes_the_batch_in_hand(r):
+    msgs = ticks(30)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    c = consumer(r, batch_size=10)
+
+    async def slow(batch):
+        await asyncio.sleep(0.05)
+        c.stop()
+        return [(OUT, d.message) for d in batch]
+
+    c.handler = slow
+    await asyncio.wait_for(c.run(), 5)
+    assert len(await out_ids(r)) == 10
+    info = await r.xpending(IN, GROUP)
+    assert info["pending"] == 0  # nothing read beyond the batch in hand
