@@ -43,6 +43,65 @@ DLQ_DELIVERIES: Final = b"deliveries"
 DLQ_PAYLOAD: Final = b"payload"
 
 
+# One server-side script adds every output and dead letter (bounded) and acknowledges the
+# inputs. A script runs atomically, like MULTI/EXEC, but costs one command and one reply
+# instead of one per entry, which is what makes a Python service loop fast.
+#   KEYS:  every stream touched
+#   ARGV:  group, maxlen, dead-letter maxlen, n_out, (key_index, payload) * n_out,
+#          n_dead, (key_index, stream, entry_id, reason, deliveries, payload) * n_dead,
+#          n_ack_streams, (key_index, n_ids, id * n_ids) * n_ack_streams
+_COMMIT_LUA: Final = """
+local group = ARGV[1]
+local maxlen = ARGV[2]
+local dlq_maxlen = ARGV[3]
+local i = 4
+local n_out = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n_out do
+  redis.call('XADD', KEYS[tonumber(ARGV[i])], 'MAXLEN', '~', maxlen, '*', 'm', ARGV[i + 1])
+  i = i + 2
+end
+local n_dead = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n_dead do
+  redis.call('XADD', KEYS[tonumber(ARGV[i])], 'MAXLEN', '~', dlq_maxlen, '*',
+    'stream', ARGV[i + 1], 'entry_id', ARGV[i + 2], 'reason', ARGV[i + 3],
+    'deliveries', ARGV[i + 4], 'payload', ARGV[i + 5])
+  i = i + 6
+end
+local n_ack = tonumber(ARGV[i]); i = i + 1
+local acked = 0
+for _ = 1, n_ack do
+  local key = KEYS[tonumber(ARGV[i])]
+  local n = tonumber(ARGV[i + 1])
+  i = i + 2
+  local first = i
+  while first < i + n do
+    local last = math.min(first + 499, i + n - 1)
+    acked = acked + redis.call('XACK', key, group, unpack(ARGV, first, last))
+    first = last + 1
+  end
+  i = i + n
+end
+return {n_out, n_dead, acked}
+"""
+
+
+class _Keys:
+    """Assigns 1-based KEYS indexes to stream names for the commit script."""
+
+    __slots__ = ("index", "names")
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+
+    def __call__(self, name: str) -> int:
+        i = self.index.get(name)
+        if i is None:
+            self.names.append(name)
+            i = self.index[name] = len(self.names)
+        return i
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One decoded stream entry handed to a handler."""
@@ -70,19 +129,23 @@ class Producer:
         self.maxlen = maxlen
         self.service = service
 
+        self._commit = redis.register_script(_COMMIT_LUA)
+
     async def publish(self, items: Iterable[Outgoing]) -> int:
-        """Add all items in one round trip (no transaction); returns how many."""
-        pipe = self.redis.pipeline(transaction=False)
-        n = 0
+        """Add all items (bounded) in one round trip; returns how many."""
+        keys = _Keys()
+        args: list[Any] = ["", self.maxlen, DEAD_LETTER_MAXLEN, 0]
         per_stream: dict[str, int] = {}
+        encode = codec.encode
         for stream, msg in items:
-            pipe.xadd(
-                stream, {codec.FIELD: codec.encode(msg)}, maxlen=self.maxlen, approximate=True
-            )
+            args.append(keys(stream))
+            args.append(encode(msg))
             per_stream[stream] = per_stream.get(stream, 0) + 1
-            n += 1
+        n = (len(args) - 4) // 2
         if n:
-            await pipe.execute()
+            args[3] = n
+            args.extend((0, 0))
+            await self._commit(keys=keys.names, args=args)
             for stream, count in per_stream.items():
                 metrics.MESSAGES_OUT.labels(self.service, stream).inc(count)
         return n
@@ -122,6 +185,7 @@ class Consumer:
         self.maxlen = maxlen
         self.retry_backoff_s = retry_backoff_s
         self.dead_letter_stream = dead_letters(group)
+        self._commit_script = redis.register_script(_COMMIT_LUA)
         # Phase: while True, read own pending history (cursor per stream) before new entries.
         self._pending_mode = True
         self._pending_cursor: dict[str, bytes] = dict.fromkeys(self.streams, b"0")
@@ -267,18 +331,23 @@ class Consumer:
     async def _process(self, entries: list[tuple[str, bytes, dict[bytes, bytes], int]]) -> int:
         deliveries: list[Delivery] = []
         dead: list[tuple[str, bytes, str, int, bytes]] = []
+        per_stream_in: dict[str, int] = {}
+        decode = codec.decode
+        field = codec.FIELD
         for stream, entry_id, fields, count in entries:
-            payload = fields.get(codec.FIELD)
+            payload = fields.get(field)
             if payload is None:
                 dead.append((stream, entry_id, "decode: missing field 'm'", count, b""))
                 continue
             try:
-                msg = codec.decode(payload)
+                msg = decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 dead.append((stream, entry_id, f"decode: {exc}", count, payload))
                 continue
             deliveries.append(Delivery(stream, entry_id, msg, count))
-            metrics.MESSAGES_IN.labels(self.group, stream).inc()
+            per_stream_in[stream] = per_stream_in.get(stream, 0) + 1
+        for stream, n_in in per_stream_in.items():
+            metrics.MESSAGES_IN.labels(self.group, stream).inc(n_in)
 
         outputs: list[Outgoing] = []
         done: list[Delivery] = []
@@ -353,33 +422,29 @@ class Consumer:
     ) -> None:
         if not outputs and not done and not dead:
             return
-        pipe = self.redis.pipeline(transaction=True)
+        keys = _Keys()
+        encode = codec.encode
+        args: list[Any] = [self.group, self.maxlen, DEAD_LETTER_MAXLEN, len(outputs)]
         per_stream_out: dict[str, int] = {}
         for stream, msg in outputs:
-            pipe.xadd(
-                stream, {codec.FIELD: codec.encode(msg)}, maxlen=self.maxlen, approximate=True
-            )
+            args.append(keys(stream))
+            args.append(encode(msg))
             per_stream_out[stream] = per_stream_out.get(stream, 0) + 1
+        args.append(len(dead))
         acks: dict[str, list[bytes]] = {}
-        for stream, entry_id, reason, count, payload in dead:
-            pipe.xadd(
-                self.dead_letter_stream,
-                {
-                    DLQ_STREAM: stream,
-                    DLQ_ENTRY: entry_id,
-                    DLQ_REASON: reason[:2000],
-                    DLQ_DELIVERIES: str(count),
-                    DLQ_PAYLOAD: payload,
-                },
-                maxlen=DEAD_LETTER_MAXLEN,
-                approximate=True,
-            )
-            acks.setdefault(stream, []).append(entry_id)
+        if dead:
+            dlq = keys(self.dead_letter_stream)
+            for stream, entry_id, reason, count, payload in dead:
+                args.extend((dlq, stream, entry_id, reason[:2000], count, payload))
+                acks.setdefault(stream, []).append(entry_id)
         for d in done:
             acks.setdefault(d.stream, []).append(d.entry_id)
+        args.append(len(acks))
         for stream, ids in acks.items():
-            pipe.xack(stream, self.group, *ids)
-        await pipe.execute()
+            args.append(keys(stream))
+            args.append(len(ids))
+            args.extend(ids)
+        await self._commit_script(keys=keys.names, args=args)
         for stream, count in per_stream_out.items():
             metrics.MESSAGES_OUT.labels(self.group, stream).inc(count)
         for stream, _eid, reason, _c, _p in dead:
