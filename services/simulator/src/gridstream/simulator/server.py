@@ -1,0 +1,619 @@
+"""aiohttp wiring: REST + websockets on one port, and the replay clock task.
+
+In-process use (tests, other services' tests)::
+
+    runner, url = await start(settings)      # url like "http://127.0.0.1:8900"
+    ...
+    await runner.cleanup()
+
+``port=0`` in the settings picks a free ephemeral port (``url`` tells which).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from .data import CandleSeries, first_open_time, load_candles
+from .engine import INTERVALS_MS, ApiError, Engine, Event, MarketEvent, UserEvent, missing
+from .settings import SimSettings
+from .symbols import exchange_info, load_specs
+
+log = logging.getLogger("gridstream.simulator")
+
+MARKET_QUEUE = 2048
+STREAM_RE = re.compile(r"^([a-z0-9]+)@(trade|aggTrade|kline_(1m|3m|5m|15m|30m|1h|2h|4h))$")
+_SIG_RE = re.compile(r"(^|&)signature=[^&]*")
+_enc = msgspec.json.Encoder()
+
+WEIGHTS: dict[tuple[str, str], int] = {
+    ("GET", "/api/v3/exchangeInfo"): 20,
+    ("GET", "/api/v3/klines"): 2,
+    ("GET", "/api/v3/order"): 4,
+    ("GET", "/api/v3/openOrders"): 6,
+    ("GET", "/api/v3/allOrders"): 20,
+    ("GET", "/api/v3/myTrades"): 20,
+    ("GET", "/api/v3/account"): 20,
+    ("POST", "/api/v3/userDataStream"): 2,
+    ("PUT", "/api/v3/userDataStream"): 2,
+    ("DELETE", "/api/v3/userDataStream"): 2,
+}
+
+
+def build_engine(settings: SimSettings) -> Engine:
+    """Load the candles of the configured symbols and build the engine."""
+    data = settings.data_path
+    files = {s: data / f"{s}-1m.csv.gz" for s in settings.symbols}
+    for s, f in files.items():
+        if not f.is_file():
+            raise FileNotFoundError(f"no candle file for {s}: {f}")
+    start = settings.start_ms
+    if start is None:
+        start = min(first_open_time(f) for f in files.values())
+    end = start + int(settings.hours * 3_600_000)
+    series = {s: CandleSeries(load_candles(f, until_open_ms=end)) for s, f in files.items()}
+    return Engine(
+        series=series,
+        specs=load_specs(),
+        window_start=start,
+        window_end=end,
+        trades_per_candle=settings.trades_per_candle,
+        balances=settings.balances,
+        maker_fee=settings.maker_fee,
+        taker_fee=settings.taker_fee,
+    )
+
+
+@dataclass(eq=False)
+class Subscriber:
+    ws: web.WebSocketResponse
+    combined: bool
+    streams: set[str] = field(default_factory=set)
+    user: bool = False
+    queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(MARKET_QUEUE))
+
+
+class Simulator:
+    """Holds the engine and everything the wiring needs around it."""
+
+    def __init__(self, settings: SimSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine if engine is not None else build_engine(settings)
+        self.subs: set[Subscriber] = set()
+        self.listen_keys: set[str] = set()
+        self.clients_event = asyncio.Event()
+        self.started = False
+        self.replay_task: asyncio.Task[None] | None = None
+        self.weights: dict[tuple[str, int], int] = {}
+        if not settings.wait_for_clients:
+            self.clients_event.set()
+
+    # ------------------------------------------------------------ replay
+    async def run_replay(self) -> None:
+        await self.clients_event.wait()
+        self.started = True
+        eng = self.engine
+        speed = self.settings.speed
+        loop = asyncio.get_running_loop()
+        wall0 = loop.time()
+        log.info("replay started at %d, speed %s", eng.window_start, speed)
+        while True:
+            t = eng.peek_time()
+            if t is None:
+                break
+            if speed > 0:
+                delay = wall0 + (t - eng.window_start) / speed / 1000 - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await self.publish(eng.step())
+            if speed == 0:
+                await asyncio.sleep(0)
+        log.info("replay window done at %d", eng.clock_ms)
+
+    async def publish(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, MarketEvent):
+                raw: str | None = None
+                comb: str | None = None
+                for sub in list(self.subs):
+                    if sub.user or ev.stream not in sub.streams or sub.ws.closed:
+                        continue
+                    if sub.combined:
+                        comb = (
+                            comb or _enc.encode({"stream": ev.stream, "data": ev.payload}).decode()
+                        )
+                        await sub.queue.put(comb)
+                    else:
+                        raw = raw or _enc.encode(ev.payload).decode()
+                        await sub.queue.put(raw)
+            else:
+                self.push_user(ev)
+
+    def push_user(self, ev: UserEvent) -> None:
+        text = _enc.encode(ev.payload).decode()
+        for sub in list(self.subs):
+            if sub.user and not sub.ws.closed:
+                sub.queue.put_nowait(text)
+
+    def push_user_events(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, UserEvent):
+                self.push_user(ev)
+
+    # ------------------------------------------------------------ auth
+    def check_key(self, request: web.Request) -> None:
+        key = request.headers.get("X-MBX-APIKEY")
+        if not key:
+            raise ApiError(-2014, "API-key format invalid.", 401)
+        if not hmac.compare_digest(key, self.settings.api_key):
+            raise ApiError(-2015, "Invalid API-key, IP, or permissions for action.", 401)
+
+    def check_signed(self, request: web.Request, params: Mapping[str, str], body: str) -> None:
+        self.check_key(request)
+        now = int(time.time() * 1000)
+        ts_raw = params.get("timestamp")
+        if not ts_raw or not ts_raw.isdigit():
+            raise missing("timestamp")
+        sig = params.get("signature")
+        if not sig:
+            raise missing("signature")
+        rw_raw = params.get("recvWindow") or "5000"
+        try:
+            rw = int(Decimal(rw_raw))
+        except ArithmeticError as exc:
+            raise missing("recvWindow") from exc
+        if rw > 60000 or rw <= 0:
+            raise ApiError(
+                -1102, "'recvWindow' contains unexpected value. Cannot be greater than 60000."
+            )
+        ts = int(ts_raw)
+        if ts > now + 1000:
+            raise ApiError(
+                -1021, "Timestamp for this request was 1000ms ahead of the server's time."
+            )
+        if now - ts > rw:
+            raise ApiError(-1021, "Timestamp for this request is outside of the recvWindow.")
+        qs = _SIG_RE.sub("", request.rel_url.raw_query_string).lstrip("&")
+        bd = _SIG_RE.sub("", body).lstrip("&")
+        candidates = {qs + bd}
+        if qs and bd:
+            candidates.add(qs + "&" + bd)
+        secret = self.settings.api_secret.encode()
+        for payload in candidates:
+            want = hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
+            if hmac.compare_digest(want, sig.lower()):
+                return
+        raise ApiError(-1022, "Signature for this request is not valid.")
+
+    def weight(self, request: web.Request) -> int:
+        ip = request.remote or "?"
+        minute = int(time.time()) // 60
+        w = WEIGHTS.get((request.method, request.path), 1)
+        if request.path == "/api/v3/openOrders" and "symbol" not in request.query:
+            w = 80
+        k = (ip, minute)
+        self.weights[k] = self.weights.get(k, 0) + w
+        for old in [x for x in self.weights if x[1] < minute]:
+            del self.weights[old]
+        return self.weights[k]
+
+
+SIM_KEY: web.AppKey[Simulator] = web.AppKey("simulator", Simulator)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_enc.encode(data), status=status, content_type="application/json")
+
+
+async def _params(request: web.Request) -> tuple[dict[str, str], str]:
+    body = ""
+    if request.can_read_body:
+        body = await request.text()
+    params: dict[str, str] = dict(
+        parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True)
+    )
+    ctype = request.content_type
+    if body and ctype != "application/json":
+        params.update(parse_qsl(body, keep_blank_values=True))
+    return params, body
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    sim = request.app[SIM_KEY]
+    used = sim.weight(request) if not request.path.startswith("/sim/") else 0
+    try:
+        resp = await handler(request)
+    except ApiError as e:
+        resp = _json({"code": e.code, "msg": e.msg}, e.status)
+    if not resp.prepared:
+        resp.headers["X-MBX-USED-WEIGHT-1M"] = str(used)
+        resp.headers["X-MBX-USED-WEIGHT"] = str(used)
+    return resp
+
+
+# ---------------------------------------------------------------- REST handlers
+async def ping(request: web.Request) -> web.Response:
+    return _json({})
+
+
+async def server_time(request: web.Request) -> web.Response:
+    return _json({"serverTime": int(time.time() * 1000)})
+
+
+async def exchange_info_h(request: web.Request) -> web.Response:
+    sim = request.app[SIM_KEY]
+    specs = sim.engine.specs
+    params, _ = await _params(request)
+    names: list[str] = list(specs)
+    if params.get("symbol"):
+        names = [params["symbol"].upper()]
+    elif params.get("symbols"):
+        try:
+            names = [str(s).upper() for s in json.loads(params["symbols"])]
+        except ValueError as exc:
+            raise ApiError(-1100, "Illegal characters found in parameter 'symbols'.") from exc
+    for n in names:
+        if n not in specs:
+            raise ApiError(-1121, "Invalid symbol.")
+    return _json(exchange_info([specs[n] for n in names], int(time.time() * 1000)))
+
+
+def _int_param(params: Mapping[str, str], name: str) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.lstrip("-").isdigit():
+        raise ApiError(-1100, f"Illegal characters found in parameter '{name}'.")
+    return int(raw)
+
+
+async def klines(request: web.Request) -> web.Response:
+    sim = request.app[SIM_KEY]
+    params, _ = await _params(request)
+    sym = params.get("symbol", "").upper()
+    if not sym:
+        raise missing("symbol")
+    if sym not in sim.engine.specs:
+        raise ApiError(-1121, "Invalid symbol.")
+    interval = params.get("interval", "")
+    if not interval:
+        raise missing("interval")
+    if interval not in INTERVALS_MS:
+        raise ApiError(-1120, "Invalid interval.")
+    limit = _int_param(params, "limit")
+    limit = 500 if limit is None else max(1, min(limit, 1000))
+    rows = sim.engine.klines(
+        sym, interval, _int_param(params, "startTime"), _int_param(params, "endTime"), limit
+    )
+    return _json(rows)
+
+
+async def _signed(request: web.Request) -> tuple[Simulator, dict[str, str]]:
+    sim = request.app[SIM_KEY]
+    params, body = await _params(request)
+    sim.check_signed(request, params, body)
+    return sim, params
+
+
+async def new_order(request: web.Request) -> web.Response:
+    sim, params = await _signed(request)
+    try:
+        resp, events = sim.engine.place_order(params)
+    except ApiError:
+        sim.push_user_events(list(sim.engine.pop_rejected()))
+        raise
+    sim.push_user_events(events)
+    return _json(resp)
+
+
+async def cancel_order(request: web.Request) -> web.Response:
+    sim, params = await _signed(request)
+    resp, events = sim.engine.cancel_order(params)
+    sim.push_user_events(events)
+    return _json(resp)
+
+
+async def get_order(request: web.Request) -> web.Response:
+    sim, params = await _signed(request)
+    return _json(sim.engine.get_order(params))
+
+
+async def open_orders(request: web.Request) -> web.Response:
+    sim, params = await _signed(request)
+    return _json(sim.engine.open_orders(params))
+
+
+async def all_orders(request: web.Request) -> web.Response:
+    sim, params = await _signed(request)
+    return _json(sim.engine.all_orders(params))
+
+
+async def my_trades(request: web.Request) -> web.Response:
+    sim, params = await _signed(request)
+    return _json(sim.engine.my_trades(params))
+
+
+async def account(request: web.Request) -> web.Response:
+    sim, _ = await _signed(request)
+    return _json(sim.engine.account())
+
+
+async def user_stream(request: web.Request) -> web.Response:
+    sim = request.app[SIM_KEY]
+    sim.check_key(request)
+    params, _ = await _params(request)
+    if request.method == "POST":
+        key = secrets.token_urlsafe(45)[:60]
+        sim.listen_keys.add(key)
+        return _json({"listenKey": key})
+    lk = params.get("listenKey")
+    if not lk:
+        raise missing("listenKey")
+    if lk not in sim.listen_keys:
+        raise ApiError(-1125, "This listenKey does not exist.")
+    if request.method == "DELETE":
+        sim.listen_keys.discard(lk)
+    return _json({})
+
+
+async def empty_exchange_info(request: web.Request) -> web.Response:
+    """Futures exchangeInfo with no symbols, so ccxt's default ``load_markets`` works."""
+    return _json(
+        {
+            "timezone": "UTC",
+            "serverTime": int(time.time() * 1000),
+            "rateLimits": [],
+            "exchangeFilters": [],
+            "symbols": [],
+        }
+    )
+
+
+async def empty_list(request: web.Request) -> web.Response:
+    return _json([])
+
+
+# ---------------------------------------------------------------- admin
+async def sim_status(request: web.Request) -> web.Response:
+    sim = request.app[SIM_KEY]
+    st = sim.engine.status()
+    st.update(
+        {
+            "started": sim.started,
+            "speed": sim.settings.speed,
+            "wait_for_clients": sim.settings.wait_for_clients,
+            "market_clients": sum(1 for s in sim.subs if not s.user),
+            "user_clients": sum(1 for s in sim.subs if s.user),
+        }
+    )
+    return _json(st)
+
+
+async def sim_fills(request: web.Request) -> web.Response:
+    return _json([f.admin() for f in request.app[SIM_KEY].engine.fills])
+
+
+async def sim_balances(request: web.Request) -> web.Response:
+    return _json(request.app[SIM_KEY].engine.balances())
+
+
+async def sim_start(request: web.Request) -> web.Response:
+    sim = request.app[SIM_KEY]
+    sim.clients_event.set()
+    return _json({"started": True})
+
+
+# ---------------------------------------------------------------- websockets
+def _valid_streams(names: list[str]) -> set[str]:
+    out: set[str] = set()
+    for n in names:
+        m = STREAM_RE.match(n)
+        if m:
+            out.add(n)
+    return out
+
+
+async def _serve_ws(request: web.Request, sub: Subscriber) -> web.WebSocketResponse:
+    sim = request.app[SIM_KEY]
+    ws = sub.ws
+    if sub.user:
+        sub.queue = asyncio.Queue()
+    sim.subs.add(sub)
+    if sub.streams:
+        sim.clients_event.set()
+
+    async def sender() -> None:
+        while True:
+            text = await sub.queue.get()
+            await ws.send_str(text)
+
+    task = asyncio.create_task(sender())
+    try:
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            try:
+                req = json.loads(msg.data)
+                method, rid = req.get("method"), req.get("id")
+                names = [str(p) for p in req.get("params") or []]
+            except (ValueError, AttributeError):
+                continue
+            if method == "SUBSCRIBE":
+                sub.streams |= _valid_streams(names)
+                if sub.streams:
+                    sim.clients_event.set()
+                await ws.send_str(_enc.encode({"result": None, "id": rid}).decode())
+            elif method == "UNSUBSCRIBE":
+                sub.streams -= set(names)
+                await ws.send_str(_enc.encode({"result": None, "id": rid}).decode())
+            elif method == "LIST_SUBSCRIPTIONS":
+                await ws.send_str(_enc.encode({"result": sorted(sub.streams), "id": rid}).decode())
+    finally:
+        sim.subs.discard(sub)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    return ws
+
+
+async def ws_combined(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(autoping=True, heartbeat=None)
+    await ws.prepare(request)
+    names = [n for n in request.query.get("streams", "").split("/") if n]
+    return await _serve_ws(request, Subscriber(ws, combined=True, streams=_valid_streams(names)))
+
+
+async def ws_raw(request: web.Request) -> web.WebSocketResponse:
+    sim = request.app[SIM_KEY]
+    tail = request.match_info.get("tail", "")
+    ws = web.WebSocketResponse(autoping=True)
+    await ws.prepare(request)
+    if tail in sim.listen_keys:
+        return await _serve_ws(request, Subscriber(ws, combined=False, user=True))
+    names = [n for n in tail.split("/") if n]
+    return await _serve_ws(request, Subscriber(ws, combined=False, streams=_valid_streams(names)))
+
+
+# ---------------------------------------------------------------- app
+def make_app(sim: Simulator) -> web.Application:
+    app = web.Application(middlewares=[_middleware])
+    app[SIM_KEY] = sim
+    r = app.router
+    r.add_get("/api/v3/ping", ping)
+    r.add_get("/api/v3/time", server_time)
+    r.add_get("/api/v3/exchangeInfo", exchange_info_h)
+    r.add_get("/api/v3/klines", klines)
+    r.add_post("/api/v3/order", new_order)
+    r.add_delete("/api/v3/order", cancel_order)
+    r.add_get("/api/v3/order", get_order)
+    r.add_get("/api/v3/openOrders", open_orders)
+    r.add_get("/api/v3/allOrders", all_orders)
+    r.add_get("/api/v3/myTrades", my_trades)
+    r.add_get("/api/v3/account", account)
+    r.add_post("/api/v3/userDataStream", user_stream)
+    r.add_put("/api/v3/userDataStream", user_stream)
+    r.add_delete("/api/v3/userDataStream", user_stream)
+    r.add_get("/fapi/v1/exchangeInfo", empty_exchange_info)
+    r.add_get("/dapi/v1/exchangeInfo", empty_exchange_info)
+    # ccxt's default load_markets also reads currencies and margin pairs: empty stubs
+    r.add_get("/sapi/v1/capital/config/getall", empty_list)
+    r.add_get("/sapi/v1/margin/allPairs", empty_list)
+    r.add_get("/sapi/v1/margin/isolated/allPairs", empty_list)
+    r.add_get("/sim/status", sim_status)
+    r.add_get("/sim/fills", sim_fills)
+    r.add_get("/sim/balances", sim_balances)
+    r.add_post("/sim/start", sim_start)
+    r.add_get("/stream", ws_combined)
+    r.add_get("/ws", ws_raw)
+    r.add_get("/ws/{tail:.*}", ws_raw)
+
+    async def on_startup(app: web.Application) -> None:
+        sim.replay_task = asyncio.create_task(sim.run_replay())
+
+    async def on_shutdown(app: web.Application) -> None:
+        for sub in list(sim.subs):
+            await sub.ws.close()
+
+    async def on_cleanup(app: web.Application) -> None:
+        if sim.replay_task is not None:
+            sim.replay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sim.replay_task
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def start(settings: SimSettings, engine: Engine | None = None) -> tuple[web.AppRunner, str]:
+    """Start the simulator in the running event loop; return ``(runner, base_url)``.
+
+    Stop it with ``await runner.cleanup()``. The :class:`Simulator` is at
+    ``runner.app[SIM_KEY]``.
+    """
+    sim = Simulator(settings, engine)
+    runner = web.AppRunner(make_app(sim), handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    port = settings.port
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            port = int(addr[1])
+            break
+    return runner, f"http://{settings.host}:{port}"
+
+
+class ThreadedSimulator:
+    """The simulator on its own event loop in a daemon thread (for sync clients/tests).
+
+    ``sim = ThreadedSimulator(settings).start()``; ``sim.url``; ``sim.stop()``.
+    """
+
+    def __init__(self, settings: SimSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self._engine = engine
+        self.url = ""
+        self.loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def simulator(self) -> Simulator:
+        assert self._runner is not None
+        return self._runner.app[SIM_KEY]
+
+    def start(self) -> ThreadedSimulator:
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self._runner, self.url = self.loop.run_until_complete(
+                    start(self.settings, self._engine)
+                )
+            except BaseException as exc:
+                errors.append(exc)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="gridstream-simulator", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if errors:
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        if self._runner is None or self._thread is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop)
+        fut.result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+        self._runner = None

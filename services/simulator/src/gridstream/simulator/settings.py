@@ -1,0 +1,168 @@
+"""Simulator settings, read from ``GS_SIM_*`` environment variables.
+
+Parsed once at start into a frozen :class:`SimSettings`; an invalid value raises
+:class:`SettingsError` naming the variable (``main`` turns it into a clean exit).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import msgspec
+
+KNOWN_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds an invalid value."""
+
+    def __init__(self, var: str, value: str, reason: str) -> None:
+        super().__init__(f"invalid setting {var}={value!r}: {reason}")
+        self.var = var
+
+
+def default_data_dir() -> Path:
+    """The repository's ``data/klines``, found by walking up from this file."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent / "data" / "klines"
+        if cand.is_dir():
+            return cand
+    return Path("data/klines")
+
+
+class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8900
+    data_dir: str = ""
+    symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
+    start_ms: int | None = None
+    hours: float = 24.0
+    speed: float = 1.0
+    balances: dict[str, Decimal] = msgspec.field(default_factory=lambda: {"USDT": Decimal(700)})
+    api_key: str = "sim-key"
+    api_secret: str = "sim-secret"
+    trades_per_candle: int = 8
+    wait_for_clients: bool = True
+    maker_fee: Decimal = Decimal("0.001")
+    taker_fee: Decimal = Decimal("0.001")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+
+def _parse_time(var: str, raw: str) -> int:
+    s = raw.strip()
+    if s.isdigit():
+        return int(s)
+    try:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise SettingsError(var, raw, "expected epoch ms or an ISO date/time") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def _parse_bool(var: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(var, raw, "expected true/false")
+
+
+def _parse_decimal(var: str, raw: str) -> Decimal:
+    try:
+        d = Decimal(raw.strip())
+    except InvalidOperation as exc:
+        raise SettingsError(var, raw, "expected a decimal number") from exc
+    if not d.is_finite() or d < 0:
+        raise SettingsError(var, raw, "expected a finite, non-negative number")
+    return d
+
+
+def _parse_float(var: str, raw: str, *, positive: bool) -> float:
+    try:
+        f = float(raw)
+    except ValueError as exc:
+        raise SettingsError(var, raw, "expected a number") from exc
+    if f != f or f in (float("inf"), float("-inf")) or f < 0 or (positive and f == 0):
+        raise SettingsError(var, raw, "expected a positive number" if positive else ">= 0")
+    return f
+
+
+def _parse_int(var: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        i = int(raw)
+    except ValueError as exc:
+        raise SettingsError(var, raw, "expected an integer") from exc
+    if not lo <= i <= hi:
+        raise SettingsError(var, raw, f"expected {lo}..{hi}")
+    return i
+
+
+def _parse_balances(var: str, raw: str) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        asset, sep, amount = part.partition("=")
+        if not sep or not asset.strip().isalnum():
+            raise SettingsError(var, raw, "expected ASSET=AMOUNT[,ASSET=AMOUNT...]")
+        out[asset.strip().upper()] = _parse_decimal(var, amount)
+    return out
+
+
+def load_sim_settings(env: Mapping[str, str] | None = None) -> SimSettings:
+    """Build :class:`SimSettings` from ``env`` (default: ``os.environ``)."""
+    e = os.environ if env is None else env
+    kw: dict[str, object] = {}
+    if (v := e.get("GS_SIM_HOST")) is not None:
+        if not v.strip():
+            raise SettingsError("GS_SIM_HOST", v, "must not be empty")
+        kw["host"] = v.strip()
+    if (v := e.get("GS_SIM_PORT")) is not None:
+        kw["port"] = _parse_int("GS_SIM_PORT", v, 0, 65535)
+    if (v := e.get("GS_SIM_DATA_DIR")) is not None and v.strip():
+        if not Path(v).is_dir():
+            raise SettingsError("GS_SIM_DATA_DIR", v, "not a directory")
+        kw["data_dir"] = v
+    if (v := e.get("GS_SIM_SYMBOLS")) is not None:
+        syms = tuple(s.strip().upper() for s in v.split(",") if s.strip())
+        bad = [s for s in syms if s not in KNOWN_SYMBOLS]
+        if not syms or bad:
+            raise SettingsError("GS_SIM_SYMBOLS", v, f"symbols must be among {KNOWN_SYMBOLS}")
+        kw["symbols"] = syms
+    if (v := e.get("GS_SIM_START")) is not None and v.strip():
+        kw["start_ms"] = _parse_time("GS_SIM_START", v)
+    if (v := e.get("GS_SIM_HOURS")) is not None:
+        kw["hours"] = _parse_float("GS_SIM_HOURS", v, positive=True)
+    if (v := e.get("GS_SIM_SPEED")) is not None:
+        kw["speed"] = _parse_float("GS_SIM_SPEED", v, positive=False)
+    if (v := e.get("GS_SIM_BALANCES")) is not None:
+        kw["balances"] = _parse_balances("GS_SIM_BALANCES", v)
+    if (v := e.get("GS_SIM_API_KEY")) is not None:
+        if not v:
+            raise SettingsError("GS_SIM_API_KEY", v, "must not be empty")
+        kw["api_key"] = v
+    if (v := e.get("GS_SIM_API_SECRET")) is not None:
+        if not v:
+            raise SettingsError("GS_SIM_API_SECRET", v, "must not be empty")
+        kw["api_secret"] = v
+    if (v := e.get("GS_SIM_TRADES_PER_CANDLE")) is not None:
+        kw["trades_per_candle"] = _parse_int("GS_SIM_TRADES_PER_CANDLE", v, 4, 1000)
+    if (v := e.get("GS_SIM_WAIT_FOR_CLIENTS")) is not None:
+        kw["wait_for_clients"] = _parse_bool("GS_SIM_WAIT_FOR_CLIENTS", v)
+    if (v := e.get("GS_SIM_MAKER_FEE")) is not None:
+        kw["maker_fee"] = _parse_decimal("GS_SIM_MAKER_FEE", v)
+    if (v := e.get("GS_SIM_TAKER_FEE")) is not None:
+        kw["taker_fee"] = _parse_decimal("GS_SIM_TAKER_FEE", v)
+    return SimSettings(**kw)  # type: ignore[arg-type]
