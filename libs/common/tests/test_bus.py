@@ -273,3 +273,14 @@ async def test_stop_finishes_the_batch_in_hand(r):
     assert len(await out_ids(r)) == 10
     info = await r.xpending(IN, GROUP)
     assert info["pending"] == 0  # nothing read beyond the batch in hand
+
+
+async def test_undecodable_dead_letters_are_not_replayed(r):
+    await r.xadd(IN, {codec.FIELD: b"garbage"})
+    c = consumer(r)
+    await c.ensure_groups()
+    await drain(c)
+    await r.xadd(S.dead_letters(GROUP), {bus.DLQ_STREAM: b"btcusdt@trade", bus.DLQ_PAYLOAD: b"{}"})
+    assert await bus.replay_dead_letters(r, GROUP) == 0
+    assert await r.xlen(S.dead_letters(GROUP)) == 2
+    assert await r.xlen(IN) == 1

@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 
 from gridstream.common import codec, metrics
 from gridstream.common.messages import AnyMessage
-from gridstream.common.streams import DEAD_LETTER_MAXLEN, DEFAULT_MAXLEN, dead_letters
+from gridstream.common.streams import DEAD_LETTER_MAXLEN, DEFAULT_MAXLEN, PREFIX, dead_letters
 
 log = logging.getLogger("gridstream.bus")
 
@@ -455,17 +455,25 @@ class Consumer:
 async def replay_dead_letters(
     redis: aioredis.Redis, group: str, *, limit: int = 1000, delete: bool = True
 ) -> int:
-    """Re-add dead letters of ``group`` to their source streams (after a fix); returns count."""
+    """Re-add dead letters of ``group`` to their source streams (after a fix); returns count.
+
+    Only entries that came from a gridstream stream and whose payload decodes are
+    replayed; the rest (raw exchange frames, garbage) stay in the dead-letter stream.
+    """
     dlq = dead_letters(group)
     entries: Any = await redis.xrange(dlq, count=limit)
     n = 0
     for entry_id, fields in entries:
         payload = fields.get(DLQ_PAYLOAD)
-        stream = fields.get(DLQ_STREAM)
-        if not payload or not stream:
+        stream = _s(fields.get(DLQ_STREAM) or b"")
+        if not payload or not stream.startswith(f"{PREFIX}:"):
+            continue
+        try:
+            codec.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             continue
         pipe = redis.pipeline(transaction=True)
-        pipe.xadd(_s(stream), {codec.FIELD: payload}, maxlen=DEFAULT_MAXLEN, approximate=True)
+        pipe.xadd(stream, {codec.FIELD: payload}, maxlen=DEFAULT_MAXLEN, approximate=True)
         if delete:
             pipe.xdel(dlq, entry_id)
         await pipe.execute()

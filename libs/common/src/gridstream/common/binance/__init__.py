@@ -1,0 +1,1 @@
+"""Binance spot protocol: REST and websocket payloads, signing, filters, errors."""

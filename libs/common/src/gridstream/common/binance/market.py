@@ -1,0 +1,612 @@
+"""Binance spot market data: websocket frames and REST klines -> ``Tick`` / ``Candle``.
+
+Parsing is pure (no clock reads, no I/O); :func:`fetch_klines` is the one I/O helper.
+
+Conventions, chosen once and used everywhere:
+
+* Prices and quantities are :class:`~decimal.Decimal` made from Binance's *strings*; a
+  JSON number, ``NaN`` or ``Infinity`` where Binance sends a decimal string is malformed.
+* ``Tick.side`` is the aggressor (taker) side. ``m`` ("is the buyer the market maker")
+  true means the seller hit the bid, so the aggressor is ``SELL``.
+* ``Tick.ts_event`` is the trade time ``T`` in ns. ``Candle.ts_event`` is the candle's
+  ``close_time`` (ms, ``open_time + interval - 1``) times 1_000_000: the last instant the
+  candle covers, identical for the websocket and the REST form of the same candle.
+* ``ts_init`` is given by the caller (the wiring reads its clock); when omitted it equals
+  ``ts_event``, so a replay produces identical messages.
+* Ids are deterministic so a duplicate is recognisable anywhere downstream:
+  ``candle:<SYMBOL>:<interval>:<open_time>``, ``tick:<SYMBOL>:<trade_id>`` for ``trade``
+  and ``aggtick:<SYMBOL>:<agg_id>`` for ``aggTrade`` (trade ids and aggregate ids are
+  different sequences; for an aggTrade ``Tick.trade_id`` holds the aggregate id).
+* Only closed klines (``k.x`` true) become candles; a still-forming kline parses to
+  ``None``. Frames that are valid but carry no market data we use (subscription
+  acknowledgements, depth, bookTicker, ...) also parse to ``None``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+import aiohttp
+import msgspec
+
+from gridstream.common.messages import Candle, Side, Tick, deterministic_id
+
+NS_PER_MS: Final = 1_000_000
+
+#: Milliseconds per Binance kline interval (``1M`` is omitted: months vary in length).
+INTERVAL_MS: Final[Mapping[str, int]] = {
+    "1s": 1_000,
+    "1m": 60_000,
+    "3m": 180_000,
+    "5m": 300_000,
+    "15m": 900_000,
+    "30m": 1_800_000,
+    "1h": 3_600_000,
+    "2h": 7_200_000,
+    "4h": 14_400_000,
+    "6h": 21_600_000,
+    "8h": 28_800_000,
+    "12h": 43_200_000,
+    "1d": 86_400_000,
+    "3d": 259_200_000,
+    "1w": 604_800_000,
+}
+
+EVENT_TRADE: Final = "trade"
+EVENT_AGG_TRADE: Final = "aggTrade"
+EVENT_KLINE: Final = "kline"
+
+SOURCE_WS: Final = "ws"
+SOURCE_REST: Final = "rest"
+
+KLINES_PATH: Final = "/api/v3/klines"
+KLINES_MAX_LIMIT: Final = 1000
+#: A REST kline row: open time, O, H, L, C, volume, close time, quote volume, trades,
+#: taker buy base, taker buy quote, ignore. Rows shorter than this are malformed.
+KLINE_ROW_MIN_FIELDS: Final = 9
+
+
+def interval_ms(interval: str) -> int:
+    """Length of a kline interval in ms; ``ValueError`` for an unknown interval."""
+    try:
+        return INTERVAL_MS[interval]
+    except KeyError:
+        raise ValueError(f"unsupported kline interval {interval!r}") from None
+
+
+# -- stream names (Binance's, not gridstream's) ----------------------------------------------
+
+
+def trade_stream(symbol: str) -> str:
+    """``btcusdt@trade``."""
+    return f"{symbol.lower()}@{EVENT_TRADE}"
+
+
+def agg_trade_stream(symbol: str) -> str:
+    """``btcusdt@aggTrade``."""
+    return f"{symbol.lower()}@{EVENT_AGG_TRADE}"
+
+
+def kline_stream(symbol: str, interval: str) -> str:
+    """``btcusdt@kline_1m``."""
+    return f"{symbol.lower()}@{EVENT_KLINE}_{interval}"
+
+
+def combined_stream_url(ws_base_url: str, names: Sequence[str]) -> str:
+    """``<base>/stream?streams=a/b/c``: Binance's combined-stream endpoint."""
+    return f"{ws_base_url.rstrip('/')}/stream?streams={'/'.join(names)}"
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class MalformedFrame(ValueError):
+    """A frame or REST row that cannot be turned into market data.
+
+    ``raw`` is the frame exactly as received (bytes), ``reason`` says why, ``stream`` is
+    the combined-stream name when the envelope could be read (else ``""``).
+    """
+
+    def __init__(self, reason: str, raw: bytes | str | object, stream: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stream = stream
+        if isinstance(raw, bytes):
+            self.raw = raw
+        elif isinstance(raw, str):
+            self.raw = raw.encode()
+        else:
+            self.raw = msgspec.json.encode(raw)
+
+
+class BinanceHTTPError(Exception):
+    """A REST request answered with a non-200 status.
+
+    ``status`` is the HTTP status, ``code``/``msg`` Binance's error body when present,
+    ``retry_after_s`` the ``Retry-After`` header when present.
+    """
+
+    kind: str = "http"
+
+    def __init__(
+        self, status: int, code: int | None, msg: str, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(f"HTTP {status} ({self.kind}) code={code} msg={msg}")
+        self.status = status
+        self.code = code
+        self.msg = msg
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(BinanceHTTPError):
+    """HTTP 429: request weight or order rate exceeded; back off."""
+
+    kind = "rate_limited"
+
+
+class IpBanned(BinanceHTTPError):
+    """HTTP 418: the IP is banned for ignoring 429s."""
+
+    kind = "ip_banned"
+
+
+class ClientRequestError(BinanceHTTPError):
+    """Another 4xx: the request itself is wrong (bad symbol, bad interval, ...)."""
+
+    kind = "client"
+
+
+class ServerError(BinanceHTTPError):
+    """5xx: the venue failed; the outcome is unknown for writes, retryable for reads."""
+
+    kind = "server"
+
+
+def classify_http_error(
+    status: int, code: int | None, msg: str, retry_after_s: float | None = None
+) -> BinanceHTTPError:
+    """The error class for a non-200 status."""
+    cls: type[BinanceHTTPError]
+    if status == 429:
+        cls = RateLimited
+    elif status == 418:
+        cls = IpBanned
+    elif 400 <= status < 500:
+        cls = ClientRequestError
+    elif status >= 500:
+        cls = ServerError
+    else:
+        cls = BinanceHTTPError
+    return cls(status, code, msg, retry_after_s)
+
+
+# -- wire shapes --------------------------------------------------------------------------
+# Decimal fields are declared ``str`` so a JSON number is rejected, not silently rounded.
+
+
+class _TradeData(msgspec.Struct):
+    e: str
+    E: int
+    s: str
+    t: int
+    p: str
+    q: str
+    T: int
+    m: bool
+
+
+class _AggTradeData(msgspec.Struct):
+    e: str
+    E: int
+    s: str
+    a: int
+    p: str
+    q: str
+    T: int
+    m: bool
+
+
+class _KlineBody(msgspec.Struct):
+    t: int
+    T: int
+    s: str
+    i: str
+    o: str
+    c: str
+    h: str
+    l: str  # noqa: E741 - Binance's field name
+    v: str
+    n: int
+    x: bool
+    q: str = "0"
+
+
+class _KlineData(msgspec.Struct):
+    e: str
+    E: int
+    s: str
+    k: _KlineBody
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedFrame:
+    """One parsed frame: its stream, its event type and the message (or ``None``)."""
+
+    stream: str
+    event: str
+    message: Tick | Candle | None
+
+
+_json_decoder: Final = msgspec.json.Decoder()
+
+
+def _dec(value: str, name: str, raw: object, stream: str) -> Decimal:
+    try:
+        d = Decimal(value)
+    except InvalidOperation:
+        raise MalformedFrame(f"{name}: not a decimal: {value!r}", raw, stream) from None
+    if not d.is_finite():
+        raise MalformedFrame(f"{name}: not finite: {value!r}", raw, stream)
+    return d
+
+
+def _side(buyer_is_maker: bool) -> Side:
+    return "SELL" if buyer_is_maker else "BUY"
+
+
+def tick_id(symbol: str, trade_id: int) -> str:
+    """The id of the tick for one trade."""
+    return deterministic_id("tick", symbol.upper(), trade_id)
+
+
+def agg_tick_id(symbol: str, agg_id: int) -> str:
+    """The id of the tick for one aggregate trade."""
+    return deterministic_id("aggtick", symbol.upper(), agg_id)
+
+
+def candle_id(symbol: str, interval: str, open_time: int) -> str:
+    """The id of a candle: the same for the websocket and the REST form."""
+    return deterministic_id("candle", symbol.upper(), interval, open_time)
+
+
+def _split_envelope(obj: object, raw: object) -> tuple[str, dict[str, Any] | None]:
+    if not isinstance(obj, dict):
+        raise MalformedFrame(f"frame is a {type(obj).__name__}, not an object", raw)
+    if "data" in obj and "stream" in obj:
+        stream = obj["stream"]
+        data = obj["data"]
+        if not isinstance(stream, str):
+            raise MalformedFrame("envelope: 'stream' is not a string", raw)
+        if not isinstance(data, dict):
+            raise MalformedFrame("envelope: 'data' is not an object", raw, stream)
+        return stream, data
+    if "e" in obj:
+        return "", obj
+    if "id" in obj and ("result" in obj or "error" in obj):
+        return "", None  # control-message response (SUBSCRIBE, LIST_SUBSCRIPTIONS, ...)
+    raise MalformedFrame("neither a combined-stream envelope nor an event", raw)
+
+
+def parse_frame(raw: bytes | str, *, ts_init: int | None = None) -> ParsedFrame:
+    """Parse one websocket frame (combined-stream envelope or raw event).
+
+    Raises :class:`MalformedFrame` when the frame cannot be read; returns a
+    :class:`ParsedFrame` whose ``message`` is ``None`` for frames that carry nothing
+    we publish (a still-forming kline, a control response, other event types).
+    """
+    try:
+        obj = _json_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(f"invalid JSON: {exc}", raw) from None
+    stream, data = _split_envelope(obj, raw)
+    if data is None:
+        return ParsedFrame(stream, "", None)
+    event = data.get("e")
+    if event is None:
+        return ParsedFrame(stream, "", None)  # e.g. bookTicker: a payload without an event
+    if not isinstance(event, str):
+        raise MalformedFrame("event: 'e' is not a string", raw, stream)
+    try:
+        if event == EVENT_TRADE:
+            return ParsedFrame(
+                stream, event, _trade(msgspec.convert(data, _TradeData), raw, stream, ts_init)
+            )
+        if event == EVENT_AGG_TRADE:
+            return ParsedFrame(
+                stream,
+                event,
+                _agg_trade(msgspec.convert(data, _AggTradeData), raw, stream, ts_init),
+            )
+        if event == EVENT_KLINE:
+            return ParsedFrame(
+                stream, event, _kline(msgspec.convert(data, _KlineData), raw, stream, ts_init)
+            )
+    except msgspec.ValidationError as exc:
+        raise MalformedFrame(f"{event}: {exc}", raw, stream) from None
+    return ParsedFrame(stream, event, None)
+
+
+def _trade(d: _TradeData, raw: object, stream: str, ts_init: int | None) -> Tick:
+    ts = d.T * NS_PER_MS
+    symbol = d.s.upper()
+    return Tick(
+        id=tick_id(symbol, d.t),
+        ts_event=ts,
+        ts_init=ts if ts_init is None else ts_init,
+        symbol=symbol,
+        trade_id=d.t,
+        price=_dec(d.p, "p", raw, stream),
+        qty=_dec(d.q, "q", raw, stream),
+        side=_side(d.m),
+    )
+
+
+def _agg_trade(d: _AggTradeData, raw: object, stream: str, ts_init: int | None) -> Tick:
+    ts = d.T * NS_PER_MS
+    symbol = d.s.upper()
+    return Tick(
+        id=agg_tick_id(symbol, d.a),
+        ts_event=ts,
+        ts_init=ts if ts_init is None else ts_init,
+        symbol=symbol,
+        trade_id=d.a,
+        price=_dec(d.p, "p", raw, stream),
+        qty=_dec(d.q, "q", raw, stream),
+        side=_side(d.m),
+    )
+
+
+def _kline(d: _KlineData, raw: object, stream: str, ts_init: int | None) -> Candle | None:
+    k = d.k
+    if not k.x:
+        return None
+    if k.t > k.T:
+        raise MalformedFrame(f"kline: close time {k.T} before open time {k.t}", raw, stream)
+    symbol = k.s.upper()
+    ts = k.T * NS_PER_MS
+    return Candle(
+        id=candle_id(symbol, k.i, k.t),
+        ts_event=ts,
+        ts_init=ts if ts_init is None else ts_init,
+        symbol=symbol,
+        interval=k.i,
+        open_time=k.t,
+        close_time=k.T,
+        open=_dec(k.o, "k.o", raw, stream),
+        high=_dec(k.h, "k.h", raw, stream),
+        low=_dec(k.l, "k.l", raw, stream),
+        close=_dec(k.c, "k.c", raw, stream),
+        volume=_dec(k.v, "k.v", raw, stream),
+        quote_volume=_dec(k.q, "k.q", raw, stream),
+        trades=k.n,
+        source=SOURCE_WS,
+    )
+
+
+# -- REST klines ----------------------------------------------------------------------------
+
+
+def _int_field(row: Sequence[object], i: int, name: str) -> int:
+    value = row[i]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedFrame(f"kline row: {name} is not an integer: {value!r}", row)
+    return value
+
+
+def _dec_field(row: Sequence[object], i: int, name: str) -> Decimal:
+    value = row[i]
+    if not isinstance(value, str):
+        raise MalformedFrame(f"kline row: {name} is not a decimal string: {value!r}", row)
+    return _dec(value, f"kline row: {name}", row, "")
+
+
+def kline_row_to_candle(
+    row: Sequence[object],
+    symbol: str,
+    interval: str,
+    *,
+    ts_init: int | None = None,
+    source: str = SOURCE_REST,
+) -> Candle:
+    """One ``GET /api/v3/klines`` row (12 fields) -> :class:`Candle`."""
+    if not isinstance(row, list | tuple) or len(row) < KLINE_ROW_MIN_FIELDS:
+        raise MalformedFrame(f"kline row: expected a list of >= {KLINE_ROW_MIN_FIELDS}", row)
+    open_time = _int_field(row, 0, "open time")
+    close_time = _int_field(row, 6, "close time")
+    if close_time < open_time:
+        raise MalformedFrame(f"kline row: close time {close_time} before open time", row)
+    symbol = symbol.upper()
+    ts = close_time * NS_PER_MS
+    return Candle(
+        id=candle_id(symbol, interval, open_time),
+        ts_event=ts,
+        ts_init=ts if ts_init is None else ts_init,
+        symbol=symbol,
+        interval=interval,
+        open_time=open_time,
+        close_time=close_time,
+        open=_dec_field(row, 1, "open"),
+        high=_dec_field(row, 2, "high"),
+        low=_dec_field(row, 3, "low"),
+        close=_dec_field(row, 4, "close"),
+        volume=_dec_field(row, 5, "volume"),
+        quote_volume=_dec_field(row, 7, "quote volume"),
+        trades=_int_field(row, 8, "trades"),
+        source=source,
+    )
+
+
+def parse_klines(
+    body: bytes | str, symbol: str, interval: str, *, ts_init: int | None = None
+) -> list[Candle]:
+    """A whole ``GET /api/v3/klines`` response body -> candles, in the order given."""
+    try:
+        rows = _json_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(f"klines: invalid JSON: {exc}", body) from None
+    if not isinstance(rows, list):
+        raise MalformedFrame("klines: response is not a list", body)
+    return [kline_row_to_candle(r, symbol, interval, ts_init=ts_init) for r in rows]
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+async def _error_from(resp: aiohttp.ClientResponse) -> BinanceHTTPError:
+    text = await resp.text()
+    code: int | None = None
+    msg = text[:500]
+    try:
+        body = _json_decoder.decode(text)
+    except msgspec.DecodeError:
+        body = None
+    if isinstance(body, dict):
+        raw_code = body.get("code")
+        code = raw_code if isinstance(raw_code, int) else None
+        msg = str(body.get("msg", msg))
+    return classify_http_error(resp.status, code, msg, _retry_after(resp.headers))
+
+
+RETRYABLE_STATUSES: Final = frozenset({418, 429, 503})
+
+
+async def fetch_klines(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    symbol: str,
+    interval: str,
+    start_ms: int,
+    end_ms: int | None,
+    limit: int = KLINES_MAX_LIMIT,
+    *,
+    ts_init: int | None = None,
+    max_retry_after_s: float = 60.0,
+    retries: int = 3,
+) -> list[Candle]:
+    """Every kline with ``start_ms <= open_time <= end_ms`` (``end_ms`` None: up to the
+    newest the venue serves), fetched page by page of ``limit`` rows, in order.
+
+    Non-200 answers raise a :class:`BinanceHTTPError` subclass. When a 418/429/503 carries
+    ``Retry-After`` (at most ``max_retry_after_s``), the request waits that long and is
+    retried, up to ``retries`` times. ``ts_init`` defaults to the wall clock at receipt.
+    """
+    interval_ms(interval)  # fail fast on an unknown interval
+    limit = max(1, min(limit, KLINES_MAX_LIMIT))
+    url = f"{base_url.rstrip('/')}{KLINES_PATH}"
+    out: list[Candle] = []
+    cursor = start_ms
+    while end_ms is None or cursor <= end_ms:
+        params: dict[str, str] = {
+            "symbol": symbol.upper(),
+            "interval": interval,
+            "startTime": str(cursor),
+            "limit": str(limit),
+        }
+        if end_ms is not None:
+            params["endTime"] = str(end_ms)
+        body = await _get_with_retry_after(session, url, params, max_retry_after_s, retries)
+        page = parse_klines(
+            body, symbol, interval, ts_init=time.time_ns() if ts_init is None else ts_init
+        )
+        page = [
+            c for c in page if c.open_time >= cursor and (end_ms is None or c.open_time <= end_ms)
+        ]
+        out.extend(page)
+        if not page or len(page) < limit:
+            break
+        cursor = page[-1].open_time + 1
+    return out
+
+
+async def _get_with_retry_after(
+    session: aiohttp.ClientSession,
+    url: str,
+    params: Mapping[str, str],
+    max_retry_after_s: float,
+    retries: int,
+) -> bytes:
+    attempt = 0
+    while True:
+        async with session.get(url, params=params) as resp:
+            if resp.status == 200:
+                return await resp.read()
+            error = await _error_from(resp)
+        wait = error.retry_after_s
+        if (
+            resp.status in RETRYABLE_STATUSES
+            and wait is not None
+            and wait <= max_retry_after_s
+            and attempt < retries
+        ):
+            attempt += 1
+            await asyncio.sleep(wait)
+            continue
+        raise error
+
+
+TIME_PATH: Final = "/api/v3/time"
+
+
+async def fetch_server_time(session: aiohttp.ClientSession, base_url: str) -> int:
+    """The venue's clock (``GET /api/v3/time``), in ms."""
+    body = await _get_with_retry_after(session, f"{base_url.rstrip('/')}{TIME_PATH}", {}, 60.0, 3)
+    try:
+        obj = _json_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(f"time: invalid JSON: {exc}", body) from None
+    server_time = obj.get("serverTime") if isinstance(obj, dict) else None
+    if isinstance(server_time, bool) or not isinstance(server_time, int):
+        raise MalformedFrame("time: no integer 'serverTime'", body)
+    return server_time
+
+
+async def fetch_latest_klines(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    symbol: str,
+    interval: str,
+    count: int,
+    *,
+    ts_init: int | None = None,
+) -> list[Candle]:
+    """The newest ``count`` klines the venue serves, oldest first (pages backwards by 1000).
+
+    Real Binance includes the still-forming kline last: filter with the venue clock
+    (``close_time < fetch_server_time(...)``) before treating these as closed.
+    """
+    interval_ms(interval)
+    url = f"{base_url.rstrip('/')}{KLINES_PATH}"
+    pages: list[list[Candle]] = []
+    remaining = count
+    end: int | None = None
+    while remaining > 0:
+        limit = min(remaining, KLINES_MAX_LIMIT)
+        params = {"symbol": symbol.upper(), "interval": interval, "limit": str(limit)}
+        if end is not None:
+            params["endTime"] = str(end)
+        body = await _get_with_retry_after(session, url, params, 60.0, 3)
+        page = parse_klines(
+            body, symbol, interval, ts_init=time.time_ns() if ts_init is None else ts_init
+        )
+        if end is not None:
+            page = [c for c in page if c.open_time <= end]
+        if not page:
+            break
+        pages.append(page)
+        remaining -= len(page)
+        if len(page) < limit:
+            break
+        end = page[0].open_time - 1
+    return [c for page in reversed(pages) for c in page]

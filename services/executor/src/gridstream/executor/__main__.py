@@ -1,0 +1,3 @@
+from gridstream.executor.main import main
+
+main()

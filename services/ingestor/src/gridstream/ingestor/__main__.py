@@ -1,0 +1,5 @@
+"""``python -m gridstream.ingestor``."""
+
+from gridstream.ingestor.main import main
+
+main()

@@ -1,0 +1,3 @@
+from gridstream.risk.main import main
+
+main()

@@ -1,0 +1,271 @@
+"""The risk engine: pure, synchronous. Intents in, verdicts out; executions update state.
+
+Checks for a ``place`` intent, in this order (first failure wins):
+
+1. the symbol is known (``UNKNOWN_SYMBOL``);
+2. price > 0, within min/max and on the tick (``PRICE_FILTER``);
+3. quantity within min/max and on the step (``LOT_SIZE``);
+4. price x qty >= min notional (``NOTIONAL``);
+5. BUY: position value at the intent price + open buy notional + this order's notional
+   <= ``max_exposure_quote`` (``MAX_EXPOSURE``);
+6. SELL: qty <= position held minus what open sells already commit
+   (``INSUFFICIENT_POSITION``).
+
+A ``cancel`` is approved when the order is known (open), else rejected ``UNKNOWN_ORDER``.
+
+Idempotent: the verdict for an intent id is remembered, so an intent seen twice
+yields the very same verdict (same deterministic id) and counts exposure once.
+Fills are applied once per message id (``venue:symbol:trade:<id>``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Final
+
+from gridstream.common.binance.filters import SymbolFilters
+from gridstream.common.messages import (
+    OrderAccepted,
+    OrderApproved,
+    OrderCanceled,
+    OrderFailed,
+    OrderFilled,
+    OrderIntent,
+    OrderRejected,
+    Side,
+    deterministic_id,
+)
+
+ZERO: Final = Decimal(0)
+DEFAULT_MAX_EXPOSURE_QUOTE: Final = Decimal(250)
+VERDICT_MEMORY: Final = 100_000
+FILL_MEMORY: Final = 1_000_000
+
+
+class Reasons:
+    """Stable rejection codes (filter codes match ``gridstream.common.binance.filters``)."""
+
+    UNKNOWN_SYMBOL: Final = "UNKNOWN_SYMBOL"
+    PRICE_FILTER: Final = "PRICE_FILTER"
+    LOT_SIZE: Final = "LOT_SIZE"
+    NOTIONAL: Final = "NOTIONAL"
+    MAX_EXPOSURE: Final = "MAX_EXPOSURE"
+    INSUFFICIENT_POSITION: Final = "INSUFFICIENT_POSITION"
+    UNKNOWN_ORDER: Final = "UNKNOWN_ORDER"
+
+
+Verdict = OrderApproved | OrderRejected
+Execution = OrderAccepted | OrderCanceled | OrderFilled | OrderFailed
+
+
+@dataclass(slots=True)
+class OpenOrder:
+    """An order risk approved (or learned of) that may still rest on the book."""
+
+    symbol: str
+    side: Side
+    price: Decimal
+    remaining: Decimal
+
+    @property
+    def notional(self) -> Decimal:
+        return self.price * self.remaining
+
+
+def verdict_id(intent_id: str) -> str:
+    """The id of risk's verdict on one intent (the same on every replay)."""
+    return deterministic_id("risk", intent_id)
+
+
+class RiskEngine:
+    """Holds filters, positions and open orders; judges intents."""
+
+    def __init__(
+        self,
+        filters: Mapping[str, SymbolFilters],
+        *,
+        max_exposure_quote: Decimal = DEFAULT_MAX_EXPOSURE_QUOTE,
+    ) -> None:
+        self.filters: dict[str, SymbolFilters] = dict(filters)
+        self.max_exposure_quote = max_exposure_quote
+        self.positions: dict[str, Decimal] = {}
+        self.open_orders: dict[str, OpenOrder] = {}
+        self._verdicts: OrderedDict[str, Verdict] = OrderedDict()
+        self._fills_seen: OrderedDict[str, None] = OrderedDict()
+
+    # -- state restore ----------------------------------------------------------------------
+    def restore(
+        self,
+        positions: Mapping[str, Decimal],
+        open_orders: Mapping[str, OpenOrder],
+        fill_ids: Iterable[str] = (),
+    ) -> None:
+        """Load state rebuilt from the ledger (positions, open orders, fills already counted)."""
+        self.positions = {s: q for s, q in positions.items() if q != 0}
+        self.open_orders = dict(open_orders)
+        for fid in fill_ids:
+            self._remember_fill(fid)
+
+    # -- queries ----------------------------------------------------------------------------
+    def position(self, symbol: str) -> Decimal:
+        return self.positions.get(symbol, ZERO)
+
+    def open_notional(self, symbol: str, side: Side) -> Decimal:
+        return sum(
+            (
+                o.notional
+                for o in self.open_orders.values()
+                if o.symbol == symbol and o.side == side
+            ),
+            ZERO,
+        )
+
+    def open_qty(self, symbol: str, side: Side) -> Decimal:
+        return sum(
+            (
+                o.remaining
+                for o in self.open_orders.values()
+                if o.symbol == symbol and o.side == side
+            ),
+            ZERO,
+        )
+
+    def seen(self, intent_id: str) -> bool:
+        """True when a verdict on this intent was already given."""
+        return intent_id in self._verdicts
+
+    # -- intents ----------------------------------------------------------------------------
+    def on_intent(self, intent: OrderIntent, ts_init: int | None = None) -> Verdict:
+        """Approve or reject one intent. The same intent id always gets the same verdict."""
+        previous = self._verdicts.get(intent.id)
+        if previous is not None:
+            return previous
+        ts = intent.ts_event if ts_init is None else ts_init
+        if intent.action == "cancel":
+            verdict = self._judge_cancel(intent, ts)
+        else:
+            verdict = self._judge_place(intent, ts)
+        self._verdicts[intent.id] = verdict
+        if len(self._verdicts) > VERDICT_MEMORY:
+            self._verdicts.popitem(last=False)
+        return verdict
+
+    def _judge_cancel(self, intent: OrderIntent, ts: int) -> Verdict:
+        if intent.client_order_id not in self.open_orders:
+            return self._reject(
+                intent, ts, Reasons.UNKNOWN_ORDER, f"no open order {intent.client_order_id}"
+            )
+        return self._approve(intent, ts)
+
+    def _judge_place(self, intent: OrderIntent, ts: int) -> Verdict:
+        f = self.filters.get(intent.symbol)
+        if f is None:
+            return self._reject(
+                intent, ts, Reasons.UNKNOWN_SYMBOL, f"no filters for {intent.symbol}"
+            )
+        failure = f.check(intent.side, intent.price, intent.qty)
+        if failure is not None:
+            return self._reject(intent, ts, failure[0], failure[1])
+        existing = self.open_orders.get(intent.client_order_id)
+        if existing is not None:
+            # Same client order id already counted: the executor will not place it twice.
+            return self._approve(intent, ts)
+        notional = intent.price * intent.qty
+        if intent.side == "BUY":
+            held_value = self.position(intent.symbol) * intent.price
+            open_buys = self.open_notional(intent.symbol, "BUY")
+            exposure = held_value + open_buys + notional
+            if exposure > self.max_exposure_quote:
+                return self._reject(
+                    intent,
+                    ts,
+                    Reasons.MAX_EXPOSURE,
+                    f"exposure {exposure} (position {held_value} + open buys {open_buys}"
+                    f" + order {notional}) > {self.max_exposure_quote}",
+                )
+        else:
+            available = self.position(intent.symbol) - self.open_qty(intent.symbol, "SELL")
+            if intent.qty > available:
+                return self._reject(
+                    intent,
+                    ts,
+                    Reasons.INSUFFICIENT_POSITION,
+                    f"sell {intent.qty} > available {available}",
+                )
+        self.open_orders[intent.client_order_id] = OpenOrder(
+            intent.symbol, intent.side, intent.price, intent.qty
+        )
+        return self._approve(intent, ts)
+
+    @staticmethod
+    def _approve(intent: OrderIntent, ts: int) -> OrderApproved:
+        return OrderApproved(
+            id=verdict_id(intent.id),
+            ts_event=intent.ts_event,
+            ts_init=ts,
+            intent_id=intent.id,
+            action=intent.action,
+            symbol=intent.symbol,
+            client_order_id=intent.client_order_id,
+            side=intent.side,
+            price=intent.price,
+            qty=intent.qty,
+        )
+
+    @staticmethod
+    def _reject(intent: OrderIntent, ts: int, reason: str, detail: str) -> OrderRejected:
+        return OrderRejected(
+            id=verdict_id(intent.id),
+            ts_event=intent.ts_event,
+            ts_init=ts,
+            intent_id=intent.id,
+            action=intent.action,
+            symbol=intent.symbol,
+            client_order_id=intent.client_order_id,
+            reason=reason,
+            detail=detail,
+        )
+
+    # -- executions -------------------------------------------------------------------------
+    def on_execution(self, msg: Execution) -> None:
+        """Apply one venue event from the executor (idempotent)."""
+        if isinstance(msg, OrderFilled):
+            self._on_fill(msg)
+        elif isinstance(msg, OrderAccepted):
+            order = self.open_orders.get(msg.client_order_id)
+            if order is None:
+                self.open_orders[msg.client_order_id] = OpenOrder(
+                    msg.symbol, msg.side, msg.price, msg.qty
+                )
+            else:
+                order.price = msg.price
+        elif isinstance(msg, OrderCanceled) or (
+            isinstance(msg, OrderFailed) and msg.action == "place"
+        ):
+            self.open_orders.pop(msg.client_order_id, None)
+
+    def _remember_fill(self, fill_id: str) -> bool:
+        if fill_id in self._fills_seen:
+            return False
+        self._fills_seen[fill_id] = None
+        if len(self._fills_seen) > FILL_MEMORY:
+            self._fills_seen.popitem(last=False)
+        return True
+
+    def _on_fill(self, fill: OrderFilled) -> None:
+        if not self._remember_fill(fill.id):
+            return
+        signed = fill.qty if fill.side == "BUY" else -fill.qty
+        pos = self.position(fill.symbol) + signed
+        if pos == 0:
+            self.positions.pop(fill.symbol, None)
+        else:
+            self.positions[fill.symbol] = pos
+        order = self.open_orders.get(fill.client_order_id)
+        if order is not None:
+            order.remaining -= fill.qty
+            if order.remaining <= 0:
+                del self.open_orders[fill.client_order_id]

@@ -1,0 +1,253 @@
+"""Risk engine: each rule, cancels, executions and idempotency (pure, no I/O)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from itertools import count
+
+import pytest
+
+from gridstream.common.binance.filters import SymbolFilters
+from gridstream.common.messages import (
+    OrderAccepted,
+    OrderApproved,
+    OrderCanceled,
+    OrderFailed,
+    OrderFilled,
+    OrderIntent,
+    OrderRejected,
+    Side,
+)
+from gridstream.risk.engine import OpenOrder, Reasons, RiskEngine, verdict_id
+
+_ids = count(1)
+D = Decimal
+
+
+def btc_filters() -> SymbolFilters:
+    # The real BTCUSDT values of the recorded exchangeInfo (see libs/common fixtures).
+    return SymbolFilters(
+        symbol="BTCUSDT",
+        base_asset="BTC",
+        quote_asset="USDT",
+        tick_size=D("0.01"),
+        min_price=D("0.01"),
+        max_price=D("1000000"),
+        step_size=D("0.00001"),
+        min_qty=D("0.00001"),
+        max_qty=D("9000"),
+        min_notional=D("10"),
+    )
+
+
+def engine(max_exposure: str = "250") -> RiskEngine:
+    return RiskEngine({"BTCUSDT": btc_filters()}, max_exposure_quote=D(max_exposure))
+
+
+def intent(
+    side: Side = "BUY",
+    price: str = "70000",
+    qty: str = "0.001",
+    *,
+    symbol: str = "BTCUSDT",
+    action: str = "place",
+    coid: str | None = None,
+    intent_id: str | None = None,
+) -> OrderIntent:
+    n = next(_ids)
+    return OrderIntent(
+        id=intent_id or f"intent-{n}",
+        ts_event=1_000 + n,
+        ts_init=1_000 + n,
+        action=action,  # type: ignore[arg-type]
+        symbol=symbol,
+        client_order_id=coid or f"gs-{n}",
+        side=side,
+        price=D(price),
+        qty=D(qty),
+    )
+
+
+def fill(coid: str, side: Side, qty: str, price: str = "70000", trade_id: int = 1) -> OrderFilled:
+    return OrderFilled(
+        id=f"simulator:BTCUSDT:trade:{trade_id}",
+        ts_event=1,
+        ts_init=1,
+        symbol="BTCUSDT",
+        client_order_id=coid,
+        venue_order_id="9",
+        trade_id=str(trade_id),
+        side=side,
+        price=D(price),
+        qty=D(qty),
+        fee=D("0"),
+        fee_asset="BNB",
+        liquidity="maker",
+        venue="simulator",
+    )
+
+
+def rejected_reason(v: OrderApproved | OrderRejected) -> str:
+    assert isinstance(v, OrderRejected), v
+    return v.reason
+
+
+def test_valid_buy_is_approved_and_counted() -> None:
+    e = engine()
+    it = intent(price="70000.01", qty="0.001")
+    v = e.on_intent(it)
+    assert isinstance(v, OrderApproved)
+    assert v.id == verdict_id(it.id)
+    assert v.intent_id == it.id
+    assert (v.price, v.qty, v.client_order_id) == (it.price, it.qty, it.client_order_id)
+    assert e.open_notional("BTCUSDT", "BUY") == D("70.00001")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"symbol": "DOGEUSDT"}, Reasons.UNKNOWN_SYMBOL),
+        ({"price": "0"}, Reasons.PRICE_FILTER),
+        ({"price": "-1"}, Reasons.PRICE_FILTER),
+        ({"price": "70000.005"}, Reasons.PRICE_FILTER),
+        ({"qty": "0.0010001"}, Reasons.LOT_SIZE),
+        ({"qty": "0"}, Reasons.LOT_SIZE),
+        ({"qty": "0.0001"}, Reasons.NOTIONAL),
+        ({"qty": "0.004"}, Reasons.MAX_EXPOSURE),
+        ({"side": "SELL"}, Reasons.INSUFFICIENT_POSITION),
+    ],
+)
+def test_each_rule_rejects(kwargs: dict[str, str], reason: str) -> None:
+    e = engine()
+    v = e.on_intent(intent(**kwargs))  # type: ignore[arg-type]
+    assert rejected_reason(v) == reason
+    assert isinstance(v, OrderRejected) and v.detail
+    assert e.open_orders == {}
+
+
+def test_rule_order_price_before_lot_before_notional() -> None:
+    e = engine()
+    assert rejected_reason(e.on_intent(intent(price="1.001", qty="0.0000001"))) == "PRICE_FILTER"
+    assert rejected_reason(e.on_intent(intent(price="1", qty="0.0000001"))) == "LOT_SIZE"
+
+
+def test_exposure_counts_position_and_open_buys() -> None:
+    e = engine("250")
+    assert isinstance(e.on_intent(intent(qty="0.001", coid="a")), OrderApproved)  # 70
+    assert isinstance(e.on_intent(intent(qty="0.001", coid="b")), OrderApproved)  # 140
+    e.on_execution(fill("a", "BUY", "0.001"))  # position 0.001 (70), open buys 70
+    assert e.position("BTCUSDT") == D("0.001")
+    assert e.open_notional("BTCUSDT", "BUY") == D("70.000")
+    # 70 held + 70 open + 105 = 245 <= 250
+    assert isinstance(e.on_intent(intent(qty="0.0015", coid="c")), OrderApproved)
+    # now 70 + 175 + 14 = 259 > 250
+    assert rejected_reason(e.on_intent(intent(qty="0.0002", coid="d"))) == "MAX_EXPOSURE"
+    # the position is valued at the intent price: a lower price leaves room
+    assert isinstance(e.on_intent(intent(price="20000", qty="0.0005", coid="e")), OrderApproved)
+
+
+def test_sells_limited_to_position_minus_open_sells() -> None:
+    e = engine()
+    e.on_execution(fill("x", "BUY", "0.003"))
+    assert isinstance(e.on_intent(intent("SELL", qty="0.002", coid="s1")), OrderApproved)
+    assert rejected_reason(e.on_intent(intent("SELL", qty="0.002", coid="s2"))) == (
+        "INSUFFICIENT_POSITION"
+    )
+    assert isinstance(e.on_intent(intent("SELL", qty="0.001", coid="s3")), OrderApproved)
+    e.on_execution(fill("s1", "SELL", "0.002", trade_id=2))
+    assert e.position("BTCUSDT") == D("0.001")
+    assert "s1" not in e.open_orders
+
+
+def test_same_intent_twice_gives_same_verdict_and_counts_once() -> None:
+    e = engine()
+    it = intent(qty="0.002")
+    first = e.on_intent(it)
+    second = e.on_intent(it)
+    assert first == second
+    assert e.open_notional("BTCUSDT", "BUY") == D("140.000")
+    # a rejected intent also stays rejected with the same id
+    bad = intent(qty="0.003")
+    r1 = e.on_intent(bad)
+    assert rejected_reason(r1) == "MAX_EXPOSURE"
+    assert e.on_intent(bad) == r1
+
+
+def test_same_client_order_id_from_new_intent_not_double_counted() -> None:
+    e = engine()
+    assert isinstance(e.on_intent(intent(qty="0.002", coid="lvl-1")), OrderApproved)
+    assert isinstance(e.on_intent(intent(qty="0.002", coid="lvl-1")), OrderApproved)
+    assert e.open_notional("BTCUSDT", "BUY") == D("140.000")
+
+
+def test_cancel_known_order_approved_unknown_rejected() -> None:
+    e = engine()
+    e.on_intent(intent(coid="o1"))
+    v = e.on_intent(intent(action="cancel", coid="o1"))
+    assert isinstance(v, OrderApproved)
+    assert v.action == "cancel"
+    assert "o1" in e.open_orders  # only the venue's cancel removes it
+    assert rejected_reason(e.on_intent(intent(action="cancel", coid="nope"))) == "UNKNOWN_ORDER"
+
+
+def test_executions_update_open_orders() -> None:
+    e = engine()
+    e.on_intent(intent(coid="o1", qty="0.002"))
+    e.on_intent(intent(coid="o2"))
+    e.on_intent(intent(coid="o3"))
+    e.on_execution(
+        OrderCanceled(
+            id="c",
+            ts_event=1,
+            ts_init=1,
+            symbol="BTCUSDT",
+            client_order_id="o2",
+            venue_order_id="2",
+        )
+    )
+    e.on_execution(
+        OrderFailed(
+            id="f",
+            ts_event=1,
+            ts_init=1,
+            symbol="BTCUSDT",
+            client_order_id="o3",
+            action="place",
+            code=-2010,
+            reason="x",
+        )
+    )
+    assert set(e.open_orders) == {"o1"}
+    # partial fill reduces remaining; the same fill twice counts once
+    f = fill("o1", "BUY", "0.0005", trade_id=10)
+    e.on_execution(f)
+    e.on_execution(f)
+    assert e.position("BTCUSDT") == D("0.0005")
+    assert e.open_orders["o1"].remaining == D("0.0015")
+    # an order learned from the venue (e.g. placed before a restart) is tracked
+    e.on_execution(
+        OrderAccepted(
+            id="a",
+            ts_event=1,
+            ts_init=1,
+            symbol="BTCUSDT",
+            client_order_id="o9",
+            venue_order_id="9",
+            side="BUY",
+            price=D("60000"),
+            qty=D("0.001"),
+        )
+    )
+    assert e.open_orders["o9"] == OpenOrder("BTCUSDT", "BUY", D("60000"), D("0.001"))
+
+
+def test_restore_from_ledger_state() -> None:
+    e = engine()
+    f = fill("old", "BUY", "0.002", trade_id=5)
+    e.restore(
+        {"BTCUSDT": D("0.002")}, {"o1": OpenOrder("BTCUSDT", "BUY", D("70000"), D("0.001"))}, [f.id]
+    )
+    e.on_execution(f)  # already in the ledger: not counted again
+    assert e.position("BTCUSDT") == D("0.002")
+    # 140 held + 70 open + 70 = 280 > 250
+    assert rejected_reason(e.on_intent(intent(qty="0.001"))) == "MAX_EXPOSURE"
