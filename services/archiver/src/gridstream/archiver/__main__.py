@@ -1,0 +1,3 @@
+from gridstream.archiver.main import main
+
+main()

@@ -1,0 +1,3 @@
+from gridstream.cli.main import main
+
+main()

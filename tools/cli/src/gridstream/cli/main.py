@@ -1,0 +1,171 @@
+"""The ``gridstream`` command: status, tail, dlq, run, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import asyncpg
+
+from gridstream.common import db
+from gridstream.common.runtime import redis_client
+
+from . import run as run_mod
+from . import status as status_mod
+from . import tail as tail_mod
+from .common import database_url, ensure_database, redis_url
+
+T = TypeVar("T")
+
+
+def _write_line(data: bytes) -> None:
+    sys.stdout.buffer.write(data + b"\n")
+    sys.stdout.buffer.flush()
+
+
+async def _with_redis(fn: Callable[..., Awaitable[T]], *args: object, **kw: object) -> T:
+    redis = redis_client(redis_url())
+    try:
+        return await fn(redis, *args, **kw)
+    finally:
+        await redis.aclose()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    print(asyncio.run(_with_redis(status_mod.status, as_json=args.json)))
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    try:
+        asyncio.run(
+            _with_redis(
+                tail_mod.tail,
+                args.stream,
+                _write_line,
+                from_id=args.from_id,
+                last=args.last,
+                follow=args.follow,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    n = asyncio.run(_with_redis(tail_mod.dlq_list, args.group, _write_line))
+    print(f"{n} dead letter(s) in group {args.group}", file=sys.stderr)
+    return 0
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    n = asyncio.run(_with_redis(tail_mod.dlq_replay, args.group, limit=args.limit))
+    print(f"replayed {n} dead letter(s) of group {args.group} to their streams")
+    return 0
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    async def go() -> list[str]:
+        url = database_url()
+        await ensure_database(url)
+        conn = await asyncpg.connect(url)
+        try:
+            return await db.migrate(conn)
+        finally:
+            await conn.close()
+
+    applied = asyncio.run(go())
+    print(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        services, explicit = run_mod.parse_services(args.services)
+    except ValueError as exc:
+        print(f"gridstream run: {exc}", file=sys.stderr)
+        return 2
+    options = run_mod.RunOptions(
+        services=services,
+        explicit=explicit,
+        exit_on_failure=args.exit_on_failure,
+        metrics_base_port=args.metrics_base_port,
+        sim_port=args.sim_port,
+        data_dir=Path(args.data_dir),
+        stop_timeout_s=args.stop_timeout,
+    )
+    return run_mod.run(options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gridstream", description="gridstream: run the stack and look inside its streams"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    st = sub.add_parser("status", help="streams, groups (lag, pending), dead letters, health")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(fn=cmd_status)
+
+    tl = sub.add_parser("tail", help="decode a stream's entries, one JSON line each")
+    tl.add_argument("stream", help="e.g. gs:candles:BTCUSDT or gs:dlq:risk")
+    where = tl.add_mutually_exclusive_group()
+    where.add_argument("--from", dest="from_id", metavar="ID", help="start at this entry id")
+    where.add_argument("--last", type=int, metavar="N", help="the last N entries (default 10)")
+    tl.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
+    tl.set_defaults(fn=cmd_tail)
+
+    dq = sub.add_parser("dlq", help="dead letters of a consumer group")
+    dsub = dq.add_subparsers(dest="dlq_command", required=True)
+    dl = dsub.add_parser("list", help="show the dead letters with their reasons")
+    dl.add_argument("group")
+    dl.set_defaults(fn=cmd_dlq_list)
+    dr = dsub.add_parser("replay", help="move the dead letters back to their source streams")
+    dr.add_argument("group")
+    dr.add_argument("--limit", type=int, default=1000)
+    dr.set_defaults(fn=cmd_dlq_replay)
+
+    rn = sub.add_parser(
+        "run",
+        help="the whole stack as local processes (make run)",
+        description=run_mod.__doc__,
+        epilog=run_mod.ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rn.add_argument("--services", metavar="A,B", help="run only these (default: all)")
+    rn.add_argument(
+        "--exit-on-failure",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop everything when one child dies (default: on)",
+    )
+    rn.add_argument("--metrics-base-port", type=int, default=run_mod.DEFAULT_METRICS_BASE)
+    rn.add_argument(
+        "--sim-port",
+        type=int,
+        default=int(os.environ.get("GS_SIM_PORT") or run_mod.DEFAULT_SIM_PORT),
+    )
+    rn.add_argument("--data-dir", default=".data", help="embedded servers' data (default .data)")
+    rn.add_argument(
+        "--stop-timeout", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL"
+    )
+    rn.set_defaults(fn=cmd_run)
+
+    mg = sub.add_parser("migrate", help="apply the Postgres migrations to DATABASE_URL")
+    mg.set_defaults(fn=cmd_migrate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(args.fn(args))
+
+
+if __name__ == "__main__":
+    main()
