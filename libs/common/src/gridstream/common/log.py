@@ -13,7 +13,7 @@ _SECRET_RE: Final = re.compile(
     r"(?i)(signature=|api[_-]?secret[=:]\s*|api[_-]?key[=:]\s*|x-mbx-apikey[=:]\s*|password[=:]\s*)"
     r"[^&\s,'\"]+"
 )
-_URL_PW_RE: Final = re.compile(r"(://[^:/@\s]+:)[^@\s]+@")
+_URL_PW_RE: Final = re.compile(r"(://[^:/@\s]+:)[^@\s/]+@")
 
 _RESERVED: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
 

@@ -28,8 +28,8 @@ import msgspec
 
 from gridstream.common import metrics
 from gridstream.common.binance import trading as bt
-from gridstream.common.binance.trading import LedgerStatus
 from gridstream.common.bus import Delivery, Outgoing, Producer
+from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import (
     AnyMessage,
     OrderAccepted,

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from decimal import Decimal
 
-import aiohttp
 import asyncpg
 
 from gridstream.common import metrics
-from gridstream.common.binance.filters import SymbolFilters, parse_exchange_info
-from gridstream.common.binance.trading import LedgerStatus, fill_id
+from gridstream.common.binance.filters import SymbolFilters
+from gridstream.common.binance.market import fetch_symbol_filters
+from gridstream.common.binance.trading import fill_id
 from gridstream.common.bus import Delivery, Handler, Outgoing
+from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import (
     OrderAccepted,
     OrderCanceled,
@@ -31,35 +31,24 @@ from gridstream.risk.settings import RiskSettings
 
 log = logging.getLogger("gridstream.risk")
 SERVICE = Service.RISK.value
-EXCHANGE_INFO_PATH = "/api/v3/exchangeInfo"
 
 
 async def fetch_filters(
     base_url: str, symbols: Sequence[str], stop: asyncio.Event, retry_s: float = 2.0
 ) -> dict[str, SymbolFilters]:
     """exchangeInfo for ``symbols`` from the venue, retrying until it answers (or stop)."""
-    url = base_url.rstrip("/") + EXCHANGE_INFO_PATH
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        while True:
-            try:
-                async with session.get(url) as resp:
-                    resp.raise_for_status()
-                    payload = await resp.json(content_type=None)
-                filters = parse_exchange_info(payload, list(symbols))
-                missing = [s for s in symbols if s.upper() not in filters]
-                if missing:
-                    log.warning("exchangeInfo lacks %s; intents for them will be rejected", missing)
-                return filters
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                if stop.is_set():
-                    raise
-                metrics.RECONNECTS.labels(SERVICE, "venue").inc()
-                log.warning("exchangeInfo not available (%s); retrying in %.1fs", exc, retry_s)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), retry_s)
-                if stop.is_set():
-                    raise
+
+    def on_retry(exc: Exception) -> None:
+        metrics.RECONNECTS.labels(SERVICE, "venue").inc()
+        log.warning("exchangeInfo not available (%s); retrying in %.1fs", exc, retry_s)
+
+    filters = await fetch_symbol_filters(
+        base_url, symbols, stop, retry_s=retry_s, on_retry=on_retry
+    )
+    missing = [s for s in symbols if s.upper() not in filters]
+    if missing:
+        log.warning("exchangeInfo lacks %s; intents for them will be rejected", missing)
+    return filters
 
 
 async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[str]) -> None:

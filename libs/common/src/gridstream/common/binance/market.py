@@ -25,8 +25,9 @@ Conventions, chosen once and used everywhere:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final
@@ -34,6 +35,7 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 
+from gridstream.common.binance.filters import SymbolFilters, parse_exchange_info
 from gridstream.common.messages import Candle, Side, Tick, deterministic_id
 
 NS_PER_MS: Final = 1_000_000
@@ -610,3 +612,38 @@ async def fetch_latest_klines(
             break
         end = page[0].open_time - 1
     return [c for page in reversed(pages) for c in page]
+
+
+EXCHANGE_INFO_PATH: Final = "/api/v3/exchangeInfo"
+
+
+async def fetch_symbol_filters(
+    base_url: str,
+    symbols: Sequence[str],
+    stop: asyncio.Event,
+    *,
+    retry_s: float = 2.0,
+    on_retry: Callable[[Exception], None] | None = None,
+) -> dict[str, SymbolFilters]:
+    """The exchange filters of ``symbols`` from ``exchangeInfo``, retrying until it answers.
+
+    Raises the last error only if ``stop`` is set while waiting.
+    """
+    url = base_url.rstrip("/") + EXCHANGE_INFO_PATH
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        while True:
+            try:
+                async with session.get(url) as resp:
+                    resp.raise_for_status()
+                    payload = await resp.json(content_type=None)
+                return parse_exchange_info(payload, list(symbols))
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                if stop.is_set():
+                    raise
+                if on_retry is not None:
+                    on_retry(exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), retry_s)
+                if stop.is_set():
+                    raise

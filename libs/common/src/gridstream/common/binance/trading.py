@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 import aiohttp
 import msgspec
 
+from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import (
     IntentAction,
     OrderAccepted,
@@ -76,21 +77,6 @@ VenueOrderStatus = Literal[
 ]
 OPEN_STATUSES: Final = frozenset({"NEW", "PARTIALLY_FILLED", "PENDING_CANCEL"})
 CLOSED_CANCELED_STATUSES: Final = frozenset({"CANCELED", "EXPIRED", "EXPIRED_IN_MATCH"})
-
-
-class LedgerStatus:
-    """Order status values in the Postgres ``orders`` table (written by the executor)."""
-
-    PENDING: Final = "pending"  # row written, request not (yet) answered
-    ACCEPTED: Final = "accepted"
-    PARTIALLY_FILLED: Final = "partially_filled"
-    FILLED: Final = "filled"
-    CANCELED: Final = "canceled"
-    FAILED: Final = "failed"
-    UNKNOWN: Final = "unknown"  # outcome unknown; the executor reconciles it
-
-    #: Statuses of an order that may still rest on the book.
-    OPEN: Final = (PENDING, ACCEPTED, PARTIALLY_FILLED, UNKNOWN)
 
 
 def ledger_status(venue_status: str) -> str:

@@ -1,0 +1,3 @@
+from gridstream.signals.main import main
+
+main()

@@ -1,0 +1,3 @@
+from gridstream.strategy.main import main
+
+main()

@@ -1,0 +1,420 @@
+"""The grid engine: signals and order events in, order intents out. Pure and synchronous.
+
+On each :class:`Signal` it computes the wanted grid, a symmetric ladder around the EMA:
+
+* centre = EMA rounded to the tick; spacing = the largest of ``atr_mult`` x ATR,
+  ``min_spacing_bps`` of the close, and ``2 x fee_bps`` of the close plus one tick (so a
+  round trip always clears the fees), rounded *up* to a whole number of ticks;
+* ``levels`` buys at ``centre - i x spacing`` and sells at ``centre + i x spacing``
+  (i = 1..levels), each only if it rests on its side of the book (buys below the close,
+  sells above), so grid orders are makers;
+* quantity = ``order_quote / price`` rounded down to the step; sells, nearest first, only
+  while their total stays within the base inventory the engine holds (from fills).
+
+It then diffs the wanted grid with the orders it has live (placed by its own intents, or
+adopted from ``OrderAccepted`` of a ``gs-`` id it did not know, e.g. after a restart): a live
+order within ``tolerance x spacing`` of a wanted level of its side is kept; other live orders
+get a ``cancel`` intent; wanted levels left unmatched get a ``place`` intent. Cancels come
+first. ``high_volatility`` cancels every live order and places nothing; ``warmup`` does nothing.
+
+Order state comes from events: ``OrderRejected`` (risk) and ``OrderFailed`` (venue) undo a
+place or a cancel request, ``OrderCanceled`` and a fill reaching the order quantity end an
+order, ``OrderFilled`` moves the inventory (each trade counted once; a fee paid in the base
+asset is deducted). Ids are deterministic: processing the same signal twice returns the very
+same intents, so a redelivered signal can never double an order.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from typing import Final
+
+from gridstream.common.messages import (
+    AnyMessage,
+    OrderAccepted,
+    OrderCanceled,
+    OrderFailed,
+    OrderFilled,
+    OrderIntent,
+    OrderRejected,
+    Side,
+    Signal,
+    deterministic_id,
+)
+
+#: Prefix of every client order id the grid strategy makes.
+CLIENT_ID_PREFIX: Final = "gs-"
+#: Binance's rule for client order ids.
+CLIENT_ID_RE: Final = re.compile(r"^[a-zA-Z0-9-_]{1,36}$")
+STRATEGY_NAME: Final = "grid"
+#: Quote assets recognised when splitting a symbol into base and quote.
+QUOTE_ASSETS: Final = ("FDUSD", "USDT", "USDC", "TUSD", "BUSD", "EUR", "TRY", "BTC", "ETH", "BNB")
+_SIDE_CODE: Final[dict[str, str]] = {"BUY": "b", "SELL": "s"}
+_CODE_SIDE: Final[dict[str, Side]] = {"b": "BUY", "s": "SELL"}
+_BPS: Final = Decimal(10_000)
+_MAX_SYMBOL_CODE: Final = 16
+_RECENT: Final = 100_000
+
+
+def base_asset(symbol: str) -> str:
+    """The base asset of a spot symbol (``BTCUSDT`` -> ``BTC``), by its quote suffix."""
+    for quote in QUOTE_ASSETS:
+        if symbol.endswith(quote) and len(symbol) > len(quote):
+            return symbol[: -len(quote)]
+    return symbol
+
+
+def to_base36(n: int) -> str:
+    if n < 0:
+        raise ValueError("base36 of a negative number")
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+def symbol_code(symbol: str) -> str:
+    """The symbol itself when short and alphanumeric, else a prefix and a checksum."""
+    if len(symbol) <= _MAX_SYMBOL_CODE and symbol.isalnum():
+        return symbol
+    clean = "".join(ch for ch in symbol if ch.isalnum())[:8]
+    return f"{clean}{zlib.crc32(symbol.encode()):08x}"
+
+
+def client_order_id(symbol: str, open_time: int, side: Side, level: int) -> str:
+    """``gs-<symbol>-<signal open time, base36>-<b|s><level>``: at most 36 characters."""
+    coid = (
+        f"{CLIENT_ID_PREFIX}{symbol_code(symbol)}-{to_base36(open_time)}-{_SIDE_CODE[side]}{level}"
+    )
+    if not CLIENT_ID_RE.match(coid):
+        raise ValueError(f"client order id out of Binance's format: {coid!r}")
+    return coid
+
+
+def parse_level(coid: str) -> tuple[Side, int] | None:
+    """(side, level) of one of our client order ids, else None."""
+    if not coid.startswith(CLIENT_ID_PREFIX):
+        return None
+    tail = coid.rsplit("-", 1)[-1]
+    if len(tail) < 2 or tail[0] not in _CODE_SIDE or not tail[1:].isdigit():
+        return None
+    return _CODE_SIDE[tail[0]], int(tail[1:])
+
+
+def round_to(value: Decimal, step: Decimal, rounding: str) -> Decimal:
+    """``value`` as a whole number of ``step``s, rounded as asked."""
+    return (value / step).to_integral_value(rounding=rounding) * step
+
+
+@dataclass(frozen=True, slots=True)
+class GridParams:
+    levels: int = 3
+    atr_mult: Decimal = Decimal("2")
+    min_spacing_bps: Decimal = Decimal("25")
+    fee_bps: Decimal = Decimal("10")
+    order_quote: Decimal = Decimal("20")
+    tick_size: Decimal = Decimal("0.01")
+    qty_step: Decimal = Decimal("0.00001")
+    tolerance: Decimal = Decimal("0.5")
+    tick_sizes: Mapping[str, Decimal] = field(default_factory=dict)
+    step_sizes: Mapping[str, Decimal] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.levels < 1:
+            raise ValueError("levels: must be >= 1")
+        for name in ("order_quote", "tick_size", "qty_step"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        for name in ("atr_mult", "min_spacing_bps", "fee_bps", "tolerance"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0")
+        if any(v <= 0 for v in (*self.tick_sizes.values(), *self.step_sizes.values())):
+            raise ValueError("tick_sizes/step_sizes: must be > 0")
+
+    def tick(self, symbol: str) -> Decimal:
+        return self.tick_sizes.get(symbol, self.tick_size)
+
+    def step(self, symbol: str) -> Decimal:
+        return self.step_sizes.get(symbol, self.qty_step)
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One wanted grid order."""
+
+    side: Side
+    level: int
+    price: Decimal
+    qty: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    centre: Decimal
+    spacing: Decimal
+    levels: tuple[Level, ...]
+
+
+@dataclass(slots=True)
+class LiveOrder:
+    """An order the engine placed (or adopted) and believes is open or about to be."""
+
+    client_order_id: str
+    symbol: str
+    side: Side
+    price: Decimal
+    qty: Decimal
+    level: int = 0
+    filled: Decimal = Decimal(0)
+    accepted: bool = False
+    cancel_pending: bool = False
+
+
+class _Recent:
+    """A bounded set remembering the newest keys."""
+
+    def __init__(self, maxlen: int = _RECENT) -> None:
+        self.maxlen = maxlen
+        self._keys: OrderedDict[object, None] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: object) -> None:
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.maxlen:
+            self._keys.popitem(last=False)
+
+
+class GridEngine:
+    """Grid state for any number of symbols."""
+
+    def __init__(self, params: GridParams | None = None) -> None:
+        self.params = params or GridParams()
+        self.orders: dict[str, dict[str, LiveOrder]] = {}
+        self.inventory: dict[str, Decimal] = {}
+        self._trades = _Recent()
+        self._closed = _Recent()
+        self._last: dict[str, tuple[int, list[OrderIntent]]] = {}
+
+    # -- state ----------------------------------------------------------------------------------
+    def live(self, symbol: str) -> list[LiveOrder]:
+        return list(self.orders.get(symbol, {}).values())
+
+    def restore_order(self, order: LiveOrder) -> None:
+        """Adopt an open order found at start (e.g. in the ``orders`` table)."""
+        if order.client_order_id not in self._closed:
+            self.orders.setdefault(order.symbol, {})[order.client_order_id] = order
+
+    def apply_fill(
+        self, symbol: str, trade_id: str, side: Side, qty: Decimal, fee: Decimal, fee_asset: str
+    ) -> bool:
+        """Move the inventory by one trade, once per (symbol, trade id); False if seen."""
+        key = (symbol, trade_id)
+        if key in self._trades:
+            return False
+        self._trades.add(key)
+        delta = qty if side == "BUY" else -qty
+        if fee_asset == base_asset(symbol):
+            delta -= fee
+        self.inventory[symbol] = self.inventory.get(symbol, Decimal(0)) + delta
+        return True
+
+    def _close(self, symbol: str, coid: str) -> None:
+        self._closed.add(coid)
+        self.orders.get(symbol, {}).pop(coid, None)
+
+    # -- messages -------------------------------------------------------------------------------
+    def on_message(self, msg: AnyMessage) -> list[OrderIntent]:
+        """Dispatch one message; only signals produce intents."""
+        if isinstance(msg, Signal):
+            return self.on_signal(msg)
+        if isinstance(msg, OrderFilled):
+            self.on_filled(msg)
+        elif isinstance(msg, OrderAccepted):
+            self.on_accepted(msg)
+        elif isinstance(msg, OrderCanceled):
+            self._close(msg.symbol, msg.client_order_id)
+        elif isinstance(msg, OrderRejected | OrderFailed):
+            self._undo(msg.symbol, msg.client_order_id, msg.action)
+        return []
+
+    def _undo(self, symbol: str, coid: str, action: str) -> None:
+        order = self.orders.get(symbol, {}).get(coid)
+        if order is None:
+            return
+        if action == "place":
+            self._close(symbol, coid)
+        else:
+            order.cancel_pending = False
+
+    def on_accepted(self, msg: OrderAccepted) -> None:
+        order = self.orders.get(msg.symbol, {}).get(msg.client_order_id)
+        if order is not None:
+            order.accepted = True
+            return
+        parsed = parse_level(msg.client_order_id)
+        if parsed is None or msg.client_order_id in self._closed:
+            return
+        self.restore_order(
+            LiveOrder(
+                msg.client_order_id,
+                msg.symbol,
+                msg.side,
+                msg.price,
+                msg.qty,
+                parsed[1],
+                accepted=True,
+            )
+        )
+
+    def on_filled(self, msg: OrderFilled) -> None:
+        if not self.apply_fill(msg.symbol, msg.trade_id, msg.side, msg.qty, msg.fee, msg.fee_asset):
+            return
+        order = self.orders.get(msg.symbol, {}).get(msg.client_order_id)
+        if order is None:
+            return
+        order.filled += msg.qty
+        if order.filled >= order.qty:
+            self._close(msg.symbol, msg.client_order_id)
+
+    # -- the grid -------------------------------------------------------------------------------
+    def grid(self, signal: Signal) -> Grid:
+        """The wanted grid for one signal, given the inventory held now."""
+        p = self.params
+        symbol = signal.symbol
+        tick, step = p.tick(symbol), p.step(symbol)
+        close = signal.close
+        centre = round_to(Decimal(repr(signal.ema)), tick, ROUND_HALF_EVEN)
+        atr = Decimal(repr(signal.atr)) if signal.atr == signal.atr else Decimal(0)
+        raw = max(
+            p.atr_mult * atr,
+            p.min_spacing_bps * close / _BPS,
+            2 * p.fee_bps * close / _BPS + tick,
+        )
+        spacing = round_to(raw, tick, ROUND_CEILING)
+        levels: list[Level] = []
+        available = max(self.inventory.get(symbol, Decimal(0)), Decimal(0))
+        selling = Decimal(0)
+        sells_open = True
+        for i in range(1, p.levels + 1):
+            buy = centre - i * spacing
+            if Decimal(0) < buy < close:
+                qty = round_to(p.order_quote / buy, step, ROUND_FLOOR)
+                if qty > 0:
+                    levels.append(Level("BUY", i, buy, qty))
+            sell = centre + i * spacing
+            if sells_open and sell > close:
+                qty = round_to(p.order_quote / sell, step, ROUND_FLOOR)
+                if qty > 0 and selling + qty <= available:
+                    selling += qty
+                    levels.append(Level("SELL", i, sell, qty))
+                elif qty > 0:
+                    sells_open = False
+        return Grid(centre, spacing, tuple(levels))
+
+    def on_signal(self, signal: Signal) -> list[OrderIntent]:
+        symbol = signal.symbol
+        last = self._last.get(symbol)
+        if last is not None:
+            if signal.open_time == last[0]:
+                return list(last[1])
+            if signal.open_time < last[0]:
+                return []
+        intents = self._decide(signal)
+        self._last[symbol] = (signal.open_time, intents)
+        for intent in intents:
+            orders = self.orders.setdefault(symbol, {})
+            if intent.action == "place":
+                orders[intent.client_order_id] = LiveOrder(
+                    intent.client_order_id,
+                    symbol,
+                    intent.side,
+                    intent.price,
+                    intent.qty,
+                    intent.level,
+                )
+            elif intent.client_order_id in orders:
+                orders[intent.client_order_id].cancel_pending = True
+        return list(intents)
+
+    def _decide(self, signal: Signal) -> list[OrderIntent]:
+        if signal.regime == "warmup":
+            return []
+        active = [o for o in self.live(signal.symbol) if not o.cancel_pending]
+        if signal.regime == "high_volatility":
+            return [self._cancel(signal, o, "high_volatility") for o in active]
+        grid = self.grid(signal)
+        tolerance = self.params.tolerance * grid.spacing
+        unmatched = list(active)
+        to_place: list[Level] = []
+        for want in grid.levels:
+            best: LiveOrder | None = None
+            for o in unmatched:
+                if o.side != want.side or abs(o.price - want.price) > tolerance:
+                    continue
+                if best is None or abs(o.price - want.price) < abs(best.price - want.price):
+                    best = o
+            if best is None:
+                to_place.append(want)
+            else:
+                unmatched.remove(best)
+        cancels = [self._cancel(signal, o, "off_grid") for o in unmatched]
+        return cancels + [self._place(signal, lv) for lv in to_place]
+
+    def _cancel(self, signal: Signal, order: LiveOrder, reason: str) -> OrderIntent:
+        return OrderIntent(
+            id=deterministic_id("intent", "cancel", order.client_order_id, signal.open_time),
+            ts_event=signal.ts_event,
+            ts_init=signal.ts_init,
+            action="cancel",
+            symbol=order.symbol,
+            client_order_id=order.client_order_id,
+            side=order.side,
+            price=order.price,
+            qty=order.qty,
+            level=order.level,
+            strategy=STRATEGY_NAME,
+            reason=reason,
+        )
+
+    def _place(self, signal: Signal, level: Level) -> OrderIntent:
+        coid = client_order_id(signal.symbol, signal.open_time, level.side, level.level)
+        return OrderIntent(
+            id=deterministic_id("intent", "place", coid),
+            ts_event=signal.ts_event,
+            ts_init=signal.ts_init,
+            action="place",
+            symbol=signal.symbol,
+            client_order_id=coid,
+            side=level.side,
+            price=level.price,
+            qty=level.qty,
+            level=level.level,
+            strategy=STRATEGY_NAME,
+            reason=signal.regime,
+        )
+
+
+def restore(
+    engine: GridEngine,
+    orders: Iterable[LiveOrder],
+    fills: Iterable[tuple[str, str, Side, Decimal, Decimal, str]],
+) -> None:
+    """Rebuild an engine's live orders and inventory (e.g. from the ledger) at start.
+
+    ``fills`` are ``(symbol, trade_id, side, qty, fee, fee_asset)``.
+    """
+    for f in fills:
+        engine.apply_fill(*f)
+    for o in orders:
+        engine.restore_order(o)

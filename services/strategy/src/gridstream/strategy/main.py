@@ -1,0 +1,219 @@
+"""Strategy service wiring: signals + risk verdicts + executions -> :class:`GridEngine` -> intents.
+
+One consumer reads, for every configured symbol, ``stream(Kind.SIGNALS, sym)``,
+``stream(Kind.ORDERS, sym)`` (risk's ``OrderApproved``/``OrderRejected``) and
+``stream(Kind.EXECUTIONS, sym)``, and publishes intents to ``stream(Kind.INTENTS, sym)``.
+
+At start the engine's live orders are rebuilt from the Postgres ``orders`` table (status
+one of ``LedgerStatus.OPEN``) and its inventory from ``fills`` (each trade id
+remembered, so a fill re-read from the stream is not counted twice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Final
+
+import asyncpg
+import msgspec
+
+from gridstream.common.binance.filters import SymbolFilters
+from gridstream.common.binance.market import fetch_symbol_filters
+from gridstream.common.bus import Delivery, Outgoing
+from gridstream.common.ledger import LedgerStatus
+from gridstream.common.messages import Signal
+from gridstream.common.runtime import Runtime, load_or_exit, run_service
+from gridstream.common.settings import CommonSettings
+from gridstream.common.streams import Kind, Service, stream, streams
+from gridstream.strategy.engine import GridEngine, GridParams, LiveOrder, parse_level, restore
+
+log = logging.getLogger("gridstream.strategy")
+
+#: Order statuses (``orders.status``) that mean the order may still rest on the book.
+OPEN_STATUSES: Final = LedgerStatus.OPEN
+
+
+def _parse_map(name: str, items: list[str]) -> dict[str, Decimal]:
+    out: dict[str, Decimal] = {}
+    for item in items:
+        symbol, sep, value = item.partition(":")
+        try:
+            if not sep:
+                raise ValueError(item)
+            out[symbol.strip().upper()] = Decimal(value.strip())
+        except (ArithmeticError, ValueError):
+            raise ValueError(f"GS_{name.upper()}: expected SYMBOL:VALUE, got {item!r}") from None
+    return out
+
+
+class StrategySettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Settings of the strategy service (env ``GS_<FIELD>``).
+
+    ``tick_sizes`` / ``step_sizes``: comma-separated ``SYMBOL:VALUE`` overrides of
+    ``tick_size`` / ``qty_step`` (risk enforces the venue's filters in any case).
+    """
+
+    interval: str = "1m"
+    levels: int = 3
+    atr_mult: Decimal = Decimal("2")
+    min_spacing_bps: Decimal = Decimal("25")
+    fee_bps: Decimal = Decimal("10")
+    order_quote: Decimal = Decimal("20")
+    tick_size: Decimal = Decimal("0.01")
+    qty_step: Decimal = Decimal("0.00001")
+    cancel_tolerance: Decimal = Decimal("0.5")
+    tick_sizes: list[str] = msgspec.field(default_factory=list)
+    step_sizes: list[str] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            self.params()
+        except ValueError as exc:
+            text = str(exc)
+            if not text.startswith("GS_"):
+                name = text.split(":", 1)[0].replace("tolerance", "cancel_tolerance")
+                text = f"GS_{name.split('/')[0].upper()}: {text}"
+            raise ValueError(text) from None
+
+    def params(self, filters: Mapping[str, SymbolFilters] | None = None) -> GridParams:
+        """Grid parameters; the venue's tick and step sizes unless a setting overrides them."""
+        tick_sizes = {s: f.tick_size for s, f in (filters or {}).items() if f.tick_size > 0}
+        step_sizes = {s: f.step_size for s, f in (filters or {}).items() if f.step_size > 0}
+        tick_sizes.update(_parse_map("tick_sizes", self.tick_sizes))
+        step_sizes.update(_parse_map("step_sizes", self.step_sizes))
+        return GridParams(
+            levels=self.levels,
+            atr_mult=self.atr_mult,
+            min_spacing_bps=self.min_spacing_bps,
+            fee_bps=self.fee_bps,
+            order_quote=self.order_quote,
+            tick_size=self.tick_size,
+            qty_step=self.qty_step,
+            tolerance=self.cancel_tolerance,
+            tick_sizes=tick_sizes,
+            step_sizes=step_sizes,
+        )
+
+
+class StrategyService:
+    """The engine plus its restart from the ledger and the bus handler."""
+
+    def __init__(
+        self, settings: StrategySettings, filters: Mapping[str, SymbolFilters] | None = None
+    ) -> None:
+        self.settings = settings
+        self.engine = GridEngine(settings.params(filters))
+
+    def input_streams(self) -> list[str]:
+        s = self.settings.symbols
+        return [
+            *streams(Kind.SIGNALS, s),
+            *streams(Kind.ORDERS, s),
+            *streams(Kind.EXECUTIONS, s),
+        ]
+
+    async def restore(self, pool: asyncpg.Pool) -> dict[str, object]:
+        """Rebuild live orders and inventory from Postgres ``orders`` and ``fills``."""
+        symbols = list(self.settings.symbols)
+        order_rows = await pool.fetch(
+            "SELECT client_order_id, symbol, side, price, qty, filled_qty FROM orders"
+            " WHERE symbol = ANY($1::text[]) AND status = ANY($2::text[])"
+            " ORDER BY ts_created",
+            symbols,
+            list(OPEN_STATUSES),
+        )
+        fill_rows = await pool.fetch(
+            "SELECT symbol, trade_id, side, qty, fee, fee_asset FROM fills"
+            " WHERE symbol = ANY($1::text[]) ORDER BY ts_event",
+            symbols,
+        )
+        orders = []
+        for r in order_rows:
+            parsed = parse_level(r["client_order_id"])
+            orders.append(
+                LiveOrder(
+                    client_order_id=r["client_order_id"],
+                    symbol=r["symbol"],
+                    side=r["side"],
+                    price=Decimal(r["price"]),
+                    qty=Decimal(r["qty"]),
+                    level=parsed[1] if parsed else 0,
+                    filled=Decimal(r["filled_qty"]),
+                    accepted=True,
+                )
+            )
+        fills = [
+            (
+                r["symbol"],
+                str(r["trade_id"]),
+                r["side"],
+                Decimal(r["qty"]),
+                Decimal(r["fee"]),
+                r["fee_asset"],
+            )
+            for r in fill_rows
+        ]
+        restore(self.engine, orders, fills)
+        summary: dict[str, object] = {
+            "orders": len(orders),
+            "fills": len(fills),
+            "inventory": {k: str(v) for k, v in self.engine.inventory.items()},
+        }
+        log.info("restored from the ledger: %s", summary)
+        return summary
+
+    async def handle(self, batch: Sequence[Delivery]) -> list[Outgoing]:
+        """Order events of the batch first, then the newest signal of each symbol.
+
+        Streams have no order among themselves; taking the verdicts and executions in hand
+        before deciding on a signal gives each decision the freshest view of the book.
+        When a backlog arrives (catch-up after a restart or a backfill), only the newest
+        signal per symbol of the batch decides the grid: a grid for a candle that is
+        already history would only be placed to be cancelled a moment later.
+        """
+        newest: dict[str, Signal] = {}
+        for d in batch:
+            msg = d.message
+            if isinstance(msg, Signal):
+                if msg.interval == self.settings.interval:
+                    prev = newest.get(msg.symbol)
+                    if prev is None or msg.open_time >= prev.open_time:
+                        newest[msg.symbol] = msg
+            else:
+                self.engine.on_message(msg)
+        out: list[Outgoing] = []
+        for sig in newest.values():
+            for intent in self.engine.on_signal(sig):
+                out.append((stream(Kind.INTENTS, intent.symbol), intent))
+        return out
+
+
+async def amain(settings: StrategySettings | None = None) -> None:
+    settings = settings or load_or_exit(StrategySettings)
+    rt = Runtime(Service.STRATEGY, settings)
+    try:
+        await rt.start(database=True)
+        if rt.pool is None:
+            raise RuntimeError("the strategy service needs Postgres to rebuild its state")
+        filters = await fetch_symbol_filters(
+            settings.venue_rest_url,
+            settings.symbols,
+            rt.stop_event,
+            on_retry=lambda exc: log.warning("exchangeInfo not available (%s); retrying", exc),
+        )
+        service = StrategyService(settings, filters)
+        rt.status["restored"] = await service.restore(rt.pool)
+        await rt.consume(service.input_streams(), service.handle)
+    finally:
+        await rt.close()
+
+
+def main() -> None:
+    run_service(amain)
+
+
+if __name__ == "__main__":
+    main()
