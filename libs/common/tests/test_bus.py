@@ -284,3 +284,17 @@ async def test_undecodable_dead_letters_are_not_replayed(r):
     assert await bus.replay_dead_letters(r, GROUP) == 0
     assert await r.xlen(S.dead_letters(GROUP)) == 2
     assert await r.xlen(IN) == 1
+
+
+async def test_commit_survives_a_script_cache_flush(r):
+    """After a Redis restart the script cache is empty (NOSCRIPT): it is loaded again."""
+    c = consumer(r)
+    await c.ensure_groups()
+    await Producer(r).publish([(IN, m) for m in ticks(5)])
+    await r.script_flush()
+    await drain(c)
+    assert len(await out_ids(r)) == 5
+    await r.script_flush()
+    await Producer(r).publish([(IN, m) for m in ticks(5, start=5)])
+    await drain(c)
+    assert len(await out_ids(r)) == 10
