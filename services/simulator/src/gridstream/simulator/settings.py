@@ -41,6 +41,7 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str = ""
     symbols: tuple[str, ...] = ("BTCUSDT", "ETHUSDT")
     start_ms: int | None = None
+    history_hours: float = 0.0
     hours: float = 24.0
     speed: float = 1.0
     balances: dict[str, Decimal] = msgspec.field(default_factory=lambda: {"USDT": Decimal(700)})
@@ -143,6 +144,8 @@ def load_sim_settings(env: Mapping[str, str] | None = None) -> SimSettings:
         kw["symbols"] = syms
     if (v := e.get("GS_SIM_START")) is not None and v.strip():
         kw["start_ms"] = _parse_time("GS_SIM_START", v)
+    if (v := e.get("GS_SIM_HISTORY_HOURS")) is not None:
+        kw["history_hours"] = _parse_float("GS_SIM_HISTORY_HOURS", v, positive=False)
     if (v := e.get("GS_SIM_HOURS")) is not None:
         kw["hours"] = _parse_float("GS_SIM_HOURS", v, positive=True)
     if (v := e.get("GS_SIM_SPEED")) is not None:

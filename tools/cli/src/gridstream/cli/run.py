@@ -47,6 +47,10 @@ EMBEDDED_DATABASE: Final = "gridstream"
 DEFAULT_SIM_PORT: Final = 8900
 DEFAULT_METRICS_BASE: Final = 9101
 SIM_HOST: Final = "127.0.0.1"
+#: Replay defaults for a watchable local run: one day of history served over REST for
+#: warm-up, then the replay at 60x so signals, orders and fills show within a minute.
+DEFAULT_SIM_SPEED: Final = "60"
+DEFAULT_SIM_HISTORY_HOURS: Final = "24"
 
 ENV_HELP: Final = f"""\
 environment passed to every child:
@@ -63,6 +67,8 @@ strategy {DEFAULT_METRICS_BASE + 2},
 archiver {DEFAULT_METRICS_BASE + 5}
   GS_LOG_FORMAT        text
   PYTHONUNBUFFERED     1
+  GS_SIM_SPEED         {DEFAULT_SIM_SPEED} unless set (a replayed hour takes a minute)
+  GS_SIM_HISTORY_HOURS {DEFAULT_SIM_HISTORY_HOURS} unless set (history served for warm-up)
 every other variable of this shell (GS_SYMBOLS, GS_MODE, GS_SIM_SPEED, ...) is passed
 through unchanged.
 
@@ -179,6 +185,8 @@ class Stack:
         env["GS_LOG_FORMAT"] = "text"
         env["PYTHONUNBUFFERED"] = "1"
         env["GS_SIM_PORT"] = str(self.o.sim_port)
+        env.setdefault("GS_SIM_SPEED", DEFAULT_SIM_SPEED)
+        env.setdefault("GS_SIM_HISTORY_HOURS", DEFAULT_SIM_HISTORY_HOURS)
         if self.simulated_venue(base):
             env["GS_VENUE_REST_URL"] = f"http://{SIM_HOST}:{self.o.sim_port}"
             env["GS_VENUE_WS_URL"] = f"ws://{SIM_HOST}:{self.o.sim_port}"
