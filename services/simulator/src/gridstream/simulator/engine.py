@@ -27,20 +27,20 @@ from typing import Any, cast
 from gridstream.common import fillmodel
 from gridstream.common.fillmodel import FillDecision, Side
 
-from .data import MINUTE_MS, Q8, Candle, CandleSeries, SynthTrade, synth_trades
+from .data import (
+    INTERVAL_NAMES,
+    INTERVALS_MS,
+    MINUTE_MS,
+    Q8,
+    Candle,
+    CandleSeries,
+    SynthTrade,
+    synth_trades,
+)
 from .symbols import SymbolSpec
 
 ZERO = Decimal(0)
-INTERVALS_MS = {
-    "1m": 60_000,
-    "3m": 180_000,
-    "5m": 300_000,
-    "15m": 900_000,
-    "30m": 1_800_000,
-    "1h": 3_600_000,
-    "2h": 7_200_000,
-    "4h": 14_400_000,
-}
+__all__ = ["INTERVALS_MS", "ApiError", "Engine", "Event", "MarketEvent", "UserEvent"]
 
 
 def fmt(d: Decimal) -> str:
@@ -224,6 +224,7 @@ class Engine:
         balances: Mapping[str, Decimal],
         maker_fee: Decimal,
         taker_fee: Decimal,
+        rest_forming_kline: bool = False,
     ) -> None:
         self.series = dict(series)
         self.symbols = list(series)
@@ -233,6 +234,7 @@ class Engine:
         self.n = trades_per_candle
         self.maker_fee = maker_fee
         self.taker_fee = taker_fee
+        self.rest_forming_kline = rest_forming_kline
         self.clock_ms = window_start - 1
         self.free: dict[str, Decimal] = {}
         self.locked: dict[str, Decimal] = {}
@@ -246,7 +248,8 @@ class Engine:
         self.orders: dict[int, Order] = {}
         self.fills: list[Fill] = []
         self.next_order_id = 1
-        self.next_trade_id = dict.fromkeys(self.symbols, 1)
+        # real tapes keep their ids; our own fills (taker) are numbered after the file's
+        self.next_trade_id = {s: self.series[s].max_trade_id + 1 for s in self.symbols}
         self.last_price: dict[str, Decimal] = {}
         self.market_trades = 0
         self.account_update_time = 0
@@ -268,7 +271,10 @@ class Engine:
 
     # ------------------------------------------------------------------ replay
     def _trades_uncached(self, symbol: str, open_time: int) -> tuple[SynthTrade, ...]:
-        c = self.series[symbol].get(open_time)
+        ser = self.series[symbol]
+        if ser.prints is not None:
+            return ser.prints.get(open_time, ())
+        c = ser.get(open_time)
         if c is None:
             return ()
         return tuple(synth_trades(c, self.n, self.specs[symbol].tick))
@@ -285,9 +291,10 @@ class Engine:
                 if c is None:
                     continue
                 trades = self.trades_of(s, c)
+                mid = max(len(trades) // 2 - 1, 0)
                 for i, tr in enumerate(trades):
                     self._push(tr.time, rank, "trade", s, c, i)
-                    if i == self.n // 2 - 1:
+                    if i == mid:
                         self._push(tr.time, rank, "kline_open", s, c, i)
                 self._push(c.close_time, rank, "kline_closed", s, c, len(trades) - 1)
 
@@ -317,18 +324,24 @@ class Engine:
             if it.kind == "trade":
                 out.extend(self._on_trade(it.symbol, it.candle, it.trade_index))
             else:
-                out.append(self._kline_event(it.symbol, it.candle, it.kind == "kline_closed", t))
+                closed = it.kind == "kline_closed"
+                out.append(self._kline_event(it.symbol, it.candle, closed, t))
+                if closed:
+                    self._forming[it.symbol] = []
         if self.done:
             self.clock_ms = max(self.clock_ms, self.window_end - 1)
         return out
 
     def _on_trade(self, symbol: str, candle: Candle, idx: int) -> list[Event]:
         tr = self.trades_of(symbol, candle)[idx]
-        tid = self.next_trade_id[symbol]
-        self.next_trade_id[symbol] = tid + 1
+        if tr.trade_id is not None:
+            tid = tr.trade_id
+            agg, first, last = tr.agg_id or tid, tr.first_id or tid, tr.last_id or tid
+        else:
+            tid = self.next_trade_id[symbol]
+            self.next_trade_id[symbol] = tid + 1
+            agg = first = last = tid
         self.market_trades += 1
-        if idx == 0:
-            self._forming[symbol] = []
         self._forming[symbol].append((tid, tr))
         self.last_price[symbol] = tr.price
         low = symbol.lower()
@@ -354,11 +367,11 @@ class Engine:
                     "e": "aggTrade",
                     "E": tr.time,
                     "s": symbol,
-                    "a": tid,
+                    "a": agg,
                     "p": p,
                     "q": q,
-                    "f": tid,
-                    "l": tid,
+                    "f": first,
+                    "l": last,
                     "T": tr.time,
                     "m": tr.buyer_maker,
                     "M": True,
@@ -372,19 +385,30 @@ class Engine:
         done = self._forming[symbol]
         trades = [tr for _, tr in done]
         o, h, lo, cl, v, q, tb, tq = _ohlcv(trades)
+        n = sum(tr.count for tr in trades)
+        if closed or not trades:
+            # the candle itself (equal to the trades for synthetic and real tapes; a
+            # minute without trades is flat at the previous close)
+            o, h, lo, cl, v = c.open, c.high, c.low, c.close, c.volume
+        if closed and c.has_stats:
+            q, tb, tq = c.quote_volume or ZERO, c.taker_base or ZERO, c.taker_quote or ZERO
+            n = c.count or 0
+        first = done[0][1].first_id if done and done[0][1].first_id is not None else None
+        last = done[-1][1].last_id if done and done[-1][1].last_id is not None else None
+        iname = INTERVAL_NAMES[c.interval_ms]
         k = {
             "t": c.open_time,
             "T": c.close_time,
             "s": symbol,
-            "i": "1m",
-            "f": done[0][0] if done else -1,
-            "L": done[-1][0] if done else -1,
+            "i": iname,
+            "f": first if first is not None else (done[0][0] if done else -1),
+            "L": last if last is not None else (done[-1][0] if done else -1),
             "o": fmt(o),
             "c": fmt(cl),
             "h": fmt(h),
             "l": fmt(lo),
             "v": fmt(v),
-            "n": len(trades),
+            "n": n,
             "x": closed,
             "q": fmt(q),
             "V": fmt(tb),
@@ -392,36 +416,63 @@ class Engine:
             "B": "0",
         }
         return MarketEvent(
-            f"{symbol.lower()}@kline_1m", {"e": "kline", "E": t, "s": symbol, "k": k}
+            f"{symbol.lower()}@kline_{iname}", {"e": "kline", "E": t, "s": symbol, "k": k}
         )
 
     # ---------------------------------------------------------------- klines
     def kline_row(self, symbol: str, candles: list[Candle], interval_ms: int) -> list[Any]:
-        trades: list[SynthTrade] = []
-        for c in candles:
-            trades.extend(self.trades_of(symbol, c))
-        o, h, lo, cl, v, q, tb, tq = _ohlcv(trades)
+        """One REST row for the closed bucket made of ``candles``.
+
+        O/H/L/C/V come from the candles (the trades reproduce them exactly). Quote volume,
+        trade count and taker-buy volumes come from the source when it has them (a
+        Binance kline file, candles built from real trades), else from the synthetic
+        trades."""
         first = candles[0]
-        # O/H/L/C/V straight from the candles (trades reproduce them exactly).
         o, cl = first.open, candles[-1].close
         h = max(c.high for c in candles)
         lo = min(c.low for c in candles)
         v = sum((c.volume for c in candles), ZERO)
+        q = tb = tq = ZERO
+        n = 0
+        for c in candles:
+            if c.has_stats:
+                q += c.quote_volume or ZERO
+                tb += c.taker_base or ZERO
+                tq += c.taker_quote or ZERO
+                n += c.count or 0
+            else:
+                trades = list(self.trades_of(symbol, c))
+                _, _, _, _, _, cq, ctb, ctq = _ohlcv(trades)
+                q, tb, tq, n = q + cq, tb + ctb, tq + ctq, n + len(trades)
         bucket = first.open_time - first.open_time % interval_ms
-        return [
-            bucket,
-            fmt(o),
-            fmt(h),
-            fmt(lo),
-            fmt(cl),
-            fmt(v),
-            bucket + interval_ms - 1,
-            fmt(q),
-            len(trades),
-            fmt(tb),
-            fmt(tq),
-            "0",
-        ]
+        return _row(bucket, interval_ms, o, h, lo, cl, v, q, n, tb, tq)
+
+    def forming_row(self, symbol: str, interval_ms: int) -> list[Any] | None:
+        """The bucket that contains the replay clock, from what has been replayed so far
+        (``None`` when the clock is on a bucket's last millisecond, or nothing printed)."""
+        clock = self.clock_ms
+        b = clock - clock % interval_ms
+        if b + interval_ms - 1 <= clock or clock < self.window_start:
+            return None
+        ser = self.series[symbol]
+        i = ser.index_at_or_after(b)
+        trades: list[SynthTrade] = []
+        while i < len(ser.candles) and ser.candles[i].open_time <= clock:
+            trades.extend(t for t in self.trades_of(symbol, ser.candles[i]) if t.time <= clock)
+            i += 1
+        if not trades:
+            return None
+        o, h, lo, cl, v, q, tb, tq = _ohlcv(trades)
+        n = sum(t.count for t in trades)
+        return _row(b, interval_ms, o, h, lo, cl, v, q, n, tb, tq)
+
+    def check_interval(self, symbol: str, interval: str) -> int:
+        """Interval in ms; -1120 unless it is a whole multiple of the replayed candles'."""
+        ims = INTERVALS_MS.get(interval)
+        base = self.series[symbol].interval_ms
+        if ims is None or ims % base:
+            raise ApiError(-1120, "Invalid interval.")
+        return ims
 
     def klines(
         self,
@@ -431,11 +482,22 @@ class Engine:
         end: int | None,
         limit: int,
     ) -> list[list[Any]]:
-        """Closed candles only (close time <= replay clock), paged like Binance."""
-        ims = INTERVALS_MS[interval]
+        """Klines paged like Binance, never past the replay clock.
+
+        ``startTime``/``endTime`` are inclusive bounds on the open time; with
+        ``startTime`` the first ``limit`` rows from there, otherwise the last ``limit``
+        rows up to ``endTime`` (or now). Only closed buckets (close time <= replay clock),
+        plus, with ``rest_forming_kline``, the bucket forming at the replay clock built
+        from the trades replayed so far (real Binance returns it as the last row).
+        """
+        ims = self.check_interval(symbol, interval)
         ser = self.series[symbol]
         clock = self.clock_ms
-        # buckets, in open-time order, lazily
+        forming = self.forming_row(symbol, ims) if self.rest_forming_kline else None
+        if forming is not None and (
+            (start is not None and forming[0] < start) or (end is not None and forming[0] > end)
+        ):
+            forming = None
         if start is not None:
             i = ser.index_at_or_after(start - start % ims)
             rows: list[list[Any]] = []
@@ -446,11 +508,14 @@ class Engine:
                     break
                 if b >= start:
                     rows.append(self.kline_row(symbol, group, ims))
+            if forming is not None and len(rows) < limit:
+                rows.append(forming)
             return rows
         top = clock if end is None else min(clock, end + ims)
         j = ser.index_at_or_after(top + 1) - 1
         rev: list[list[Candle]] = []
-        while j >= 0 and len(rev) < limit:
+        want = limit - (1 if forming is not None else 0)
+        while j >= 0 and len(rev) < want:
             b = ser.candles[j].open_time - ser.candles[j].open_time % ims
             k = j
             while k - 1 >= 0 and ser.candles[k - 1].open_time >= b:
@@ -460,7 +525,10 @@ class Engine:
             if b + ims - 1 > clock or (end is not None and b > end):
                 continue
             rev.append(group)
-        return [self.kline_row(symbol, g, ims) for g in reversed(rev)]
+        out = [self.kline_row(symbol, g, ims) for g in reversed(rev)]
+        if forming is not None:
+            out.append(forming)
+        return out
 
     @staticmethod
     def _bucket(ser: CandleSeries, i: int, b: int, ims: int) -> tuple[list[Candle], int]:
@@ -936,6 +1004,35 @@ def _limit(params: Mapping[str, str], default: int, hi: int) -> int:
     except ValueError as exc:
         raise ApiError(-1100, "Illegal characters found in parameter 'limit'.") from exc
     return max(1, min(v, hi))
+
+
+def _row(
+    bucket: int,
+    interval_ms: int,
+    o: Decimal,
+    h: Decimal,
+    lo: Decimal,
+    cl: Decimal,
+    v: Decimal,
+    q: Decimal,
+    n: int,
+    tb: Decimal,
+    tq: Decimal,
+) -> list[Any]:
+    return [
+        bucket,
+        fmt(o),
+        fmt(h),
+        fmt(lo),
+        fmt(cl),
+        fmt(v),
+        bucket + interval_ms - 1,
+        fmt(q),
+        n,
+        fmt(tb),
+        fmt(tq),
+        "0",
+    ]
 
 
 def _ohlcv(

@@ -12,8 +12,10 @@ In-process use (tests, other services' tests)::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
+import heapq
 import hmac
 import json
 import logging
@@ -24,24 +26,34 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import msgspec
 from aiohttp import WSMsgType, web
 
-from .data import CandleSeries, first_open_time, load_candles
-from .engine import INTERVALS_MS, ApiError, Engine, Event, MarketEvent, UserEvent, missing
-from .settings import SimSettings
-from .symbols import exchange_info, load_specs
+from .data import CandleSeries, first_open_time, load_candles, load_file
+from .engine import ApiError, Engine, Event, MarketEvent, UserEvent, missing
+from .ratelimit import RateLimiter, banned_msg, too_much_weight_msg
+from .settings import FaultSpec, SimSettings
+from .symbols import SymbolSpec, derived_spec, exchange_info, load_specs
 
 log = logging.getLogger("gridstream.simulator")
 
 MARKET_QUEUE = 2048
-STREAM_RE = re.compile(r"^([a-z0-9]+)@(trade|aggTrade|kline_(1m|3m|5m|15m|30m|1h|2h|4h))$")
+REPEAT_MEMORY = 1000  # frames per market connection kept for ``repeat`` faults
+STREAM_RE = re.compile(
+    r"^([a-z0-9]+)@(trade|aggTrade|kline_(1m|3m|5m|15m|30m|1h|2h|4h|6h|8h|12h|1d))$"
+)
 _SIG_RE = re.compile(r"(^|&)signature=[^&]*")
 _enc = msgspec.json.Encoder()
 
+# Request weights of Binance spot's current REST docs (binance/binance-spot-api-docs,
+# rest-api.md; the 2023-08-25 changelog raised them to these values): klines 2 for any
+# limit (the limit-dependent 1/2/5/10 table belongs to the futures API), exchangeInfo 20,
+# order GET 4 / POST 1 / DELETE 1, openOrders 6 with symbol and 80 without, allOrders,
+# myTrades and account 20, userDataStream 2, everything else (ping, time, ...) 1.
 WEIGHTS: dict[tuple[str, str], int] = {
     ("GET", "/api/v3/exchangeInfo"): 20,
     ("GET", "/api/v3/klines"): 2,
@@ -56,30 +68,62 @@ WEIGHTS: dict[tuple[str, str], int] = {
 }
 
 
+def _pow10(digits: int) -> Decimal:
+    return Decimal(1).scaleb(-min(max(digits, 0), 8))
+
+
+def symbol_specs(
+    settings: SimSettings, series: Mapping[str, CandleSeries]
+) -> dict[str, SymbolSpec]:
+    """Recorded filters for the known symbols, ``GS_SIM_FILTERS`` overrides, and for any
+    other symbol a PRICE_FILTER/LOT_SIZE derived from the data's decimals (tick = 10^-d
+    for the most price decimals seen, step likewise for quantities, both at most 8)."""
+    known = load_specs()
+    out: dict[str, SymbolSpec] = {}
+    for s, ser in series.items():
+        f = settings.filters.get(s)
+        if f is not None:
+            out[s] = derived_spec(
+                s, f.tick, f.step, f.min_notional or Decimal(0), base_on=known.get(s)
+            )
+        elif s in known:
+            out[s] = known[s]
+        else:
+            out[s] = derived_spec(s, _pow10(ser.digits_price), _pow10(ser.digits_qty))
+    return out
+
+
 def build_engine(settings: SimSettings) -> Engine:
-    """Load the candles of the configured symbols and build the engine."""
+    """Load the configured symbols' candles or trades and build the engine."""
     data = settings.data_path
-    files = {s: data / f"{s}-1m.csv.gz" for s in settings.symbols}
-    for s, f in files.items():
+    custom = {s: Path(p) for s, p in settings.files.items() if s in settings.symbols}
+    files = {s: data / f"{s}-1m.csv.gz" for s in settings.symbols if s not in custom}
+    for s, f in {**files, **custom}.items():
         if not f.is_file():
             raise FileNotFoundError(f"no candle file for {s}: {f}")
+    # custom files are read whole (the engine never replays past the window end)
+    loaded = {s: load_file(p).series for s, p in custom.items()}
     start = settings.start_ms
     if start is None:
         # Without an explicit start the window opens history_hours after the first candle,
         # so clients can backfill that much history over REST (e.g. to warm up indicators).
-        first = min(first_open_time(f) for f in files.values())
-        start = first + int(settings.history_hours * 3_600_000)
+        firsts = [first_open_time(f) for f in files.values()]
+        firsts += [ser.candles[0].open_time for ser in loaded.values() if ser.candles]
+        start = min(firsts) + int(settings.history_hours * 3_600_000)
     end = start + int(settings.hours * 3_600_000)
     series = {s: CandleSeries(load_candles(f, until_open_ms=end)) for s, f in files.items()}
+    series.update(loaded)
+    series = {s: series[s] for s in settings.symbols}
     return Engine(
         series=series,
-        specs=load_specs(),
+        specs=symbol_specs(settings, series),
         window_start=start,
         window_end=end,
         trades_per_candle=settings.trades_per_candle,
         balances=settings.balances,
         maker_fee=settings.maker_fee,
         taker_fee=settings.taker_fee,
+        rest_forming_kline=settings.rest_forming_kline,
     )
 
 
@@ -90,6 +134,28 @@ class Subscriber:
     streams: set[str] = field(default_factory=set)
     user: bool = False
     queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(MARKET_QUEUE))
+    transport: asyncio.BaseTransport | None = None
+    closed: bool = False
+    silenced_until: float = 0.0  # loop time; frames dequeued before it are dropped
+    discarded: int = 0
+    sent: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=REPEAT_MEMORY)
+    )
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, text: str, *, remember: bool = True) -> None:
+        async with self.lock:
+            if self.closed or self.ws.closed:
+                return
+            await self.ws.send_str(text)
+        if remember:
+            self.sent.append(text)
+
+    async def repeat(self, k: int) -> None:
+        frames = list(self.sent)[-k:] if k > 0 else []
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            for text in frames:
+                await self.send(text, remember=False)
 
 
 class Simulator:
@@ -103,9 +169,103 @@ class Simulator:
         self.clients_event = asyncio.Event()
         self.started = False
         self.replay_task: asyncio.Task[None] | None = None
-        self.weights: dict[tuple[str, int], int] = {}
+        self.limiter = RateLimiter(
+            settings.weight_limit, settings.weight_window_s, settings.ban_seconds
+        )
+        # set while at least one market-data client is subscribed (speed 0 waits on it)
+        self.market_event = asyncio.Event()
+        self.market_connections_total = 0
+        self.faults_fired: list[dict[str, Any]] = []
+        self._fault_queue = self._fault_schedule(settings.faults)
+        self._bg: set[asyncio.Task[Any]] = set()
         if not settings.wait_for_clients:
             self.clients_event.set()
+
+    # ------------------------------------------------------------ connections
+    def add_sub(self, sub: Subscriber) -> None:
+        self.subs.add(sub)
+        if not sub.user:
+            self.market_connections_total += 1
+        self.market_changed()
+
+    def remove_sub(self, sub: Subscriber) -> None:
+        sub.closed = True
+        self.subs.discard(sub)
+        # unblock a replay waiting to put into this subscriber's full queue
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        self.market_changed()
+
+    def market_changed(self) -> None:
+        if any(s.streams for s in self.subs if not s.user and not s.closed):
+            self.market_event.set()
+            self.clients_event.set()
+        else:
+            self.market_event.clear()
+
+    def market_subs(self) -> list[Subscriber]:
+        return [s for s in self.subs if not s.user and not s.closed]
+
+    # ------------------------------------------------------------ faults
+    def _fault_schedule(self, specs: tuple[FaultSpec, ...]) -> list[tuple[int, int, FaultSpec]]:
+        eng = self.engine
+        out: list[tuple[int, int, FaultSpec]] = []
+        for i, f in enumerate(specs):
+            if f.kind == "drop-every":
+                at = eng.window_start + f.minute * 60_000
+                while at < eng.window_end:
+                    out.append((at, i, f))
+                    at += f.minute * 60_000
+            else:
+                out.append((eng.window_start + f.minute * 60_000, i, f))
+        heapq.heapify(out)
+        return out
+
+    def apply_fault(
+        self, kind: str, *, seconds: float = 0.0, frames: int = 0, at_ms: int, source: str
+    ) -> int:
+        """Apply a fault to every market-data connection now; return how many."""
+        subs = self.market_subs()
+        loop = asyncio.get_running_loop()
+        for sub in subs:
+            if kind == "drop":
+                self.remove_sub(sub)
+                if sub.transport is not None:
+                    sub.transport.close()  # abrupt: no close frame (client sees 1006)
+                else:
+                    task = asyncio.create_task(sub.ws.close())
+                    self._bg.add(task)
+                    task.add_done_callback(self._bg.discard)
+            elif kind == "silence":
+                sub.silenced_until = loop.time() + seconds
+            elif kind == "repeat":
+                rt = asyncio.create_task(sub.repeat(frames))
+                self._bg.add(rt)
+                rt.add_done_callback(self._bg.discard)
+        rec: dict[str, Any] = {
+            "kind": kind,
+            "at_ms": at_ms,
+            "affected": len(subs),
+            "source": source,
+            "wall_ms": int(time.time() * 1000),
+        }
+        if kind == "silence":
+            rec["seconds"] = seconds
+        if kind == "repeat":
+            rec["frames"] = frames
+        self.faults_fired.append(rec)
+        log.info("fault %s at %d: %d market connection(s)", kind, at_ms, len(subs))
+        return len(subs)
+
+    def fire_due_faults(self, t: int) -> bool:
+        q = self._fault_queue
+        fired = False
+        while q and q[0][0] <= t:
+            fired = True
+            at, _, f = heapq.heappop(q)
+            kind = "drop" if f.kind == "drop-every" else f.kind
+            self.apply_fault(kind, seconds=f.arg, frames=int(f.arg), at_ms=at, source=f.kind)
+        return fired
 
     # ------------------------------------------------------------ replay
     async def run_replay(self) -> None:
@@ -117,6 +277,10 @@ class Simulator:
         wall0 = loop.time()
         log.info("replay started at %d, speed %s", eng.window_start, speed)
         while True:
+            if speed == 0 and not self.market_event.is_set():
+                # "as fast as consumers take": with no market-data client connected the
+                # replay waits (a dropped client must not let it run away unobserved)
+                await self.market_event.wait()
             t = eng.peek_time()
             if t is None:
                 break
@@ -124,6 +288,8 @@ class Simulator:
                 delay = wall0 + (t - eng.window_start) / speed / 1000 - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            if self.fire_due_faults(t) and speed == 0 and not self.market_event.is_set():
+                continue  # a drop just left nobody to replay to: wait for a client first
             await self.publish(eng.step())
             if speed == 0:
                 await asyncio.sleep(0)
@@ -135,7 +301,7 @@ class Simulator:
                 raw: str | None = None
                 comb: str | None = None
                 for sub in list(self.subs):
-                    if sub.user or ev.stream not in sub.streams or sub.ws.closed:
+                    if sub.user or ev.stream not in sub.streams or sub.closed:
                         continue
                     if sub.combined:
                         comb = (
@@ -204,17 +370,12 @@ class Simulator:
                 return
         raise ApiError(-1022, "Signature for this request is not valid.")
 
-    def weight(self, request: web.Request) -> int:
-        ip = request.remote or "?"
-        minute = int(time.time()) // 60
-        w = WEIGHTS.get((request.method, request.path), 1)
-        if request.path == "/api/v3/openOrders" and "symbol" not in request.query:
-            w = 80
-        k = (ip, minute)
-        self.weights[k] = self.weights.get(k, 0) + w
-        for old in [x for x in self.weights if x[1] < minute]:
-            del self.weights[old]
-        return self.weights[k]
+
+def request_weight(request: web.Request) -> int:
+    w = WEIGHTS.get((request.method, request.path), 1)
+    if request.path == "/api/v3/openOrders" and "symbol" not in request.query:
+        w = 80
+    return w
 
 
 SIM_KEY: web.AppKey[Simulator] = web.AppKey("simulator", Simulator)
@@ -240,17 +401,34 @@ async def _params(request: web.Request) -> tuple[dict[str, str], str]:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _unmetered(path: str) -> bool:
+    """Admin and websocket paths carry no REST request weight."""
+    return path.startswith("/sim/") or path == "/stream" or path == "/ws" or path.startswith("/ws/")
+
+
 @web.middleware
 async def _middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     sim = request.app[SIM_KEY]
-    used = sim.weight(request) if not request.path.startswith("/sim/") else 0
-    try:
-        resp = await handler(request)
-    except ApiError as e:
-        resp = _json({"code": e.code, "msg": e.msg}, e.status)
+    if _unmetered(request.path):
+        return await handler(request)
+    lim = sim.limiter
+    v = lim.charge(request.remote or "?", request_weight(request), time.time())
+    if v.status == 429:
+        resp: web.StreamResponse = _json(
+            {"code": -1003, "msg": too_much_weight_msg(lim.limit, lim.interval_text())}, 429
+        )
+        resp.headers["Retry-After"] = str(v.retry_after)
+    elif v.status == 418:
+        resp = _json({"code": -1003, "msg": banned_msg(v.banned_until_ms)}, 418)
+        resp.headers["Retry-After"] = str(v.retry_after)
+    else:
+        try:
+            resp = await handler(request)
+        except ApiError as e:
+            resp = _json({"code": e.code, "msg": e.msg}, e.status)
     if not resp.prepared:
-        resp.headers["X-MBX-USED-WEIGHT-1M"] = str(used)
-        resp.headers["X-MBX-USED-WEIGHT"] = str(used)
+        resp.headers["X-MBX-USED-WEIGHT-1M"] = str(v.used)
+        resp.headers["X-MBX-USED-WEIGHT"] = str(v.used)
     return resp
 
 
@@ -278,7 +456,9 @@ async def exchange_info_h(request: web.Request) -> web.Response:
     for n in names:
         if n not in specs:
             raise ApiError(-1121, "Invalid symbol.")
-    return _json(exchange_info([specs[n] for n in names], int(time.time() * 1000)))
+    return _json(
+        exchange_info([specs[n] for n in names], int(time.time() * 1000), sim.settings.weight_limit)
+    )
 
 
 def _int_param(params: Mapping[str, str], name: str) -> int | None:
@@ -301,8 +481,7 @@ async def klines(request: web.Request) -> web.Response:
     interval = params.get("interval", "")
     if not interval:
         raise missing("interval")
-    if interval not in INTERVALS_MS:
-        raise ApiError(-1120, "Invalid interval.")
+    sim.engine.check_interval(sym, interval)
     limit = _int_param(params, "limit")
     limit = 500 if limit is None else max(1, min(limit, 1000))
     rows = sim.engine.klines(
@@ -405,11 +584,40 @@ async def sim_status(request: web.Request) -> web.Response:
             "started": sim.started,
             "speed": sim.settings.speed,
             "wait_for_clients": sim.settings.wait_for_clients,
-            "market_clients": sum(1 for s in sim.subs if not s.user),
+            "market_clients": len(sim.market_subs()),
+            "market_connections_total": sim.market_connections_total,
             "user_clients": sum(1 for s in sim.subs if s.user),
+            "faults": sim.faults_fired,
+            "faults_pending": len(sim._fault_queue),
         }
     )
     return _json(st)
+
+
+FAULT_API_KINDS = ("drop", "silence", "repeat")
+
+
+async def sim_fault(request: web.Request) -> web.Response:
+    """``POST /sim/fault`` ``{"kind": "drop"|"silence"|"repeat", "seconds": S, "frames": K}``:
+    apply it now to every market-data websocket; ``{"ok": true, "affected": n}``."""
+    sim = request.app[SIM_KEY]
+    try:
+        body = await request.json()
+        kind = str(body["kind"])
+        seconds = float(body.get("seconds") or 0)
+        frames = int(body.get("frames") or 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return _json({"ok": False, "error": 'expected JSON {"kind": ..., ...}'}, 400)
+    if kind not in FAULT_API_KINDS:
+        return _json({"ok": False, "error": f"kind must be one of {FAULT_API_KINDS}"}, 400)
+    if kind == "silence" and not seconds > 0:
+        return _json({"ok": False, "error": "silence needs seconds > 0"}, 400)
+    if kind == "repeat" and frames <= 0:
+        return _json({"ok": False, "error": "repeat needs frames > 0"}, 400)
+    n = sim.apply_fault(
+        kind, seconds=seconds, frames=frames, at_ms=sim.engine.clock_ms, source="admin"
+    )
+    return _json({"ok": True, "affected": n})
 
 
 async def sim_fills(request: web.Request) -> web.Response:
@@ -441,14 +649,17 @@ async def _serve_ws(request: web.Request, sub: Subscriber) -> web.WebSocketRespo
     ws = sub.ws
     if sub.user:
         sub.queue = asyncio.Queue()
-    sim.subs.add(sub)
-    if sub.streams:
-        sim.clients_event.set()
+    sub.transport = request.transport
+    sim.add_sub(sub)
+    loop = asyncio.get_running_loop()
 
     async def sender() -> None:
         while True:
             text = await sub.queue.get()
-            await ws.send_str(text)
+            if sub.silenced_until and loop.time() < sub.silenced_until:
+                sub.discarded += 1  # a stalled connection loses these frames
+                continue
+            await sub.send(text, remember=not sub.user)
 
     task = asyncio.create_task(sender())
     try:
@@ -463,16 +674,17 @@ async def _serve_ws(request: web.Request, sub: Subscriber) -> web.WebSocketRespo
                 continue
             if method == "SUBSCRIBE":
                 sub.streams |= _valid_streams(names)
-                if sub.streams:
-                    sim.clients_event.set()
-                await ws.send_str(_enc.encode({"result": None, "id": rid}).decode())
+                sim.market_changed()
+                await sub.send(_enc.encode({"result": None, "id": rid}).decode(), remember=False)
             elif method == "UNSUBSCRIBE":
                 sub.streams -= set(names)
-                await ws.send_str(_enc.encode({"result": None, "id": rid}).decode())
+                sim.market_changed()
+                await sub.send(_enc.encode({"result": None, "id": rid}).decode(), remember=False)
             elif method == "LIST_SUBSCRIPTIONS":
-                await ws.send_str(_enc.encode({"result": sorted(sub.streams), "id": rid}).decode())
+                reply = {"result": sorted(sub.streams), "id": rid}
+                await sub.send(_enc.encode(reply).decode(), remember=False)
     finally:
-        sim.subs.discard(sub)
+        sim.remove_sub(sub)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
@@ -526,6 +738,7 @@ def make_app(sim: Simulator) -> web.Application:
     r.add_get("/sim/fills", sim_fills)
     r.add_get("/sim/balances", sim_balances)
     r.add_post("/sim/start", sim_start)
+    r.add_post("/sim/fault", sim_fault)
     r.add_get("/stream", ws_combined)
     r.add_get("/ws", ws_raw)
     r.add_get("/ws/{tail:.*}", ws_raw)

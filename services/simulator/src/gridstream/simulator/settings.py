@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 
 KNOWN_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
+FAULT_KINDS = ("drop", "drop-every", "silence", "repeat")
 
 
 class SettingsError(ValueError):
@@ -35,6 +36,26 @@ def default_data_dir() -> Path:
     return Path("data/klines")
 
 
+class FaultSpec(msgspec.Struct, frozen=True):
+    """One scheduled websocket fault (``GS_SIM_FAULTS`` item ``KIND@MINUTE[:ARG]``).
+
+    ``minute`` is the replay-minute offset from the window start at which it fires (for
+    ``drop-every`` it is the period N). ``arg``: seconds of silence, or frames to repeat.
+    """
+
+    kind: str
+    minute: int
+    arg: float = 0.0
+
+
+class FilterSpec(msgspec.Struct, frozen=True):
+    """``GS_SIM_FILTERS`` override for one symbol: tick size, step size, min notional."""
+
+    tick: Decimal
+    step: Decimal
+    min_notional: Decimal | None = None
+
+
 class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8900
@@ -51,6 +72,15 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     wait_for_clients: bool = True
     maker_fee: Decimal = Decimal("0.001")
     taker_fee: Decimal = Decimal("0.001")
+    # replay any candle/trade file: SYMBOL -> path (GS_SIM_FILES)
+    files: dict[str, str] = msgspec.field(default_factory=dict)
+    filters: dict[str, FilterSpec] = msgspec.field(default_factory=dict)
+    # request weight per IP per window (wall clock), 429 then 418 bans
+    weight_limit: int = 6000
+    weight_window_s: float = 60.0
+    ban_seconds: float = 120.0
+    faults: tuple[FaultSpec, ...] = ()
+    rest_forming_kline: bool = False
 
     @property
     def data_path(self) -> Path:
@@ -122,6 +152,77 @@ def _parse_balances(var: str, raw: str) -> dict[str, Decimal]:
     return out
 
 
+def _parse_files(var: str, raw: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        sym, sep, path = part.partition("=")
+        sym = sym.strip().upper()
+        if not sep or not sym.isalnum() or not path.strip():
+            raise SettingsError(var, raw, "expected SYMBOL=path[,SYMBOL=path...]")
+        if not Path(path.strip()).is_file():
+            raise SettingsError(var, raw, f"no such file: {path.strip()}")
+        out[sym] = path.strip()
+    if not out:
+        raise SettingsError(var, raw, "expected SYMBOL=path[,SYMBOL=path...]")
+    return out
+
+
+def _parse_filters(var: str, raw: str) -> dict[str, FilterSpec]:
+    """``SYMBOL=tick/step[/minNotional],...``, e.g. ``XRPETH=0.00000001/1/0.001``."""
+    out: dict[str, FilterSpec] = {}
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        sym, sep, rest = part.partition("=")
+        vals = rest.split("/")
+        if not sep or not sym.strip().isalnum() or len(vals) not in (2, 3):
+            raise SettingsError(var, raw, "expected SYMBOL=tick/step[/minNotional],...")
+        nums = [_parse_decimal(var, v) for v in vals]
+        if nums[0] <= 0 or nums[1] <= 0:
+            raise SettingsError(var, raw, "tick and step must be > 0")
+        out[sym.strip().upper()] = FilterSpec(nums[0], nums[1], nums[2] if len(nums) == 3 else None)
+    return out
+
+
+def parse_faults(var: str, raw: str) -> tuple[FaultSpec, ...]:
+    """``KIND@MINUTE[:ARG];...`` (see :class:`FaultSpec`)."""
+    out: list[FaultSpec] = []
+    for item in raw.split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        kind, sep, rest = item.partition("@")
+        minute_s, _, arg_s = rest.partition(":")
+        kind = kind.strip().lower()
+        if not sep or kind not in FAULT_KINDS:
+            raise SettingsError(
+                var, raw, f"{item!r}: expected KIND@MINUTE[:ARG], KIND in {FAULT_KINDS}"
+            )
+        try:
+            minute = int(minute_s)
+            arg = float(arg_s) if arg_s.strip() else 0.0
+        except ValueError as exc:
+            raise SettingsError(
+                var, raw, f"{item!r}: MINUTE must be an integer, ARG a number"
+            ) from exc
+        if minute < 0 or arg < 0 or arg != arg or arg == float("inf"):
+            raise SettingsError(var, raw, f"{item!r}: MINUTE and ARG must be >= 0")
+        if kind == "drop-every" and minute == 0:
+            raise SettingsError(var, raw, f"{item!r}: drop-every@N needs N > 0")
+        if kind in ("silence", "repeat") and arg <= 0:
+            raise SettingsError(var, raw, f"{item!r}: {kind} needs a positive ARG")
+        if kind == "repeat" and arg != int(arg):
+            raise SettingsError(var, raw, f"{item!r}: repeat ARG is a frame count")
+        if kind in ("drop", "drop-every") and arg_s.strip():
+            raise SettingsError(var, raw, f"{item!r}: {kind} takes no ARG")
+        out.append(FaultSpec(kind, minute, arg))
+    return tuple(out)
+
+
 def load_sim_settings(env: Mapping[str, str] | None = None) -> SimSettings:
     """Build :class:`SimSettings` from ``env`` (default: ``os.environ``)."""
     e = os.environ if env is None else env
@@ -136,12 +237,21 @@ def load_sim_settings(env: Mapping[str, str] | None = None) -> SimSettings:
         if not Path(v).is_dir():
             raise SettingsError("GS_SIM_DATA_DIR", v, "not a directory")
         kw["data_dir"] = v
+    files: dict[str, str] = {}
+    if (v := e.get("GS_SIM_FILES")) is not None and v.strip():
+        files = kw["files"] = _parse_files("GS_SIM_FILES", v)
+    if (v := e.get("GS_SIM_FILTERS")) is not None and v.strip():
+        kw["filters"] = _parse_filters("GS_SIM_FILTERS", v)
     if (v := e.get("GS_SIM_SYMBOLS")) is not None:
         syms = tuple(s.strip().upper() for s in v.split(",") if s.strip())
-        bad = [s for s in syms if s not in KNOWN_SYMBOLS]
+        bad = [s for s in syms if s not in KNOWN_SYMBOLS and s not in files]
         if not syms or bad:
-            raise SettingsError("GS_SIM_SYMBOLS", v, f"symbols must be among {KNOWN_SYMBOLS}")
-        kw["symbols"] = syms
+            raise SettingsError(
+                "GS_SIM_SYMBOLS", v, f"symbols must be among {KNOWN_SYMBOLS} or in GS_SIM_FILES"
+            )
+        kw["symbols"] = tuple(dict.fromkeys(syms + tuple(files)))
+    elif files:
+        kw["symbols"] = tuple(files)
     if (v := e.get("GS_SIM_START")) is not None and v.strip():
         kw["start_ms"] = _parse_time("GS_SIM_START", v)
     if (v := e.get("GS_SIM_HISTORY_HOURS")) is not None:
@@ -168,4 +278,14 @@ def load_sim_settings(env: Mapping[str, str] | None = None) -> SimSettings:
         kw["maker_fee"] = _parse_decimal("GS_SIM_MAKER_FEE", v)
     if (v := e.get("GS_SIM_TAKER_FEE")) is not None:
         kw["taker_fee"] = _parse_decimal("GS_SIM_TAKER_FEE", v)
+    if (v := e.get("GS_SIM_WEIGHT_LIMIT")) is not None:
+        kw["weight_limit"] = _parse_int("GS_SIM_WEIGHT_LIMIT", v, 1, 10**9)
+    if (v := e.get("GS_SIM_WEIGHT_WINDOW_S")) is not None:
+        kw["weight_window_s"] = _parse_float("GS_SIM_WEIGHT_WINDOW_S", v, positive=True)
+    if (v := e.get("GS_SIM_BAN_SECONDS")) is not None:
+        kw["ban_seconds"] = _parse_float("GS_SIM_BAN_SECONDS", v, positive=True)
+    if (v := e.get("GS_SIM_FAULTS")) is not None and v.strip():
+        kw["faults"] = parse_faults("GS_SIM_FAULTS", v)
+    if (v := e.get("GS_SIM_REST_FORMING_KLINE")) is not None:
+        kw["rest_forming_kline"] = _parse_bool("GS_SIM_REST_FORMING_KLINE", v)
     return SimSettings(**kw)  # type: ignore[arg-type]

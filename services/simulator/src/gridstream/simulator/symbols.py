@@ -47,6 +47,70 @@ def load_specs() -> dict[str, SymbolSpec]:
     return out
 
 
+QUOTE_ASSETS = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY")
+
+
+def split_symbol(symbol: str) -> tuple[str, str]:
+    """Base and quote asset of ``symbol`` by its known quote suffix (else last 4 letters)."""
+    for q in QUOTE_ASSETS:
+        if symbol.endswith(q) and len(symbol) > len(q):
+            return symbol[: -len(q)], q
+    return symbol[:-4] or symbol, symbol[-4:]
+
+
+def _s8(d: Decimal) -> str:
+    return f"{d.quantize(Decimal('0.00000001')):f}"
+
+
+def derived_spec(
+    symbol: str,
+    tick: Decimal,
+    step: Decimal,
+    min_notional: Decimal = Decimal(0),
+    base_on: SymbolSpec | None = None,
+) -> SymbolSpec:
+    """A spec for a symbol without recorded filters (or with overridden tick/step).
+
+    ``base_on`` keeps a known symbol's other filters; otherwise minPrice = tick,
+    maxPrice = 1e8, minQty = step, maxQty = 9e6, minNotional as given (default 0).
+    """
+    if base_on is not None:
+        r = dict(base_on.raw)
+        base, quote = base_on.base, base_on.quote
+    else:
+        base, quote = split_symbol(symbol)
+        r = {
+            "baseAsset": base,
+            "quoteAsset": quote,
+            "maxPrice": _s8(Decimal(100_000_000)),
+            "maxQty": _s8(Decimal(9_000_000)),
+            "marketMaxQty": _s8(Decimal(9_000_000)),
+            "icebergParts": 10,
+            "maxNumOrders": 200,
+            "maxNumAlgoOrders": 5,
+        }
+        r["minNotional"] = _s8(min_notional)
+    r.update(
+        {"minPrice": _s8(tick), "tickSize": _s8(tick), "minQty": _s8(step), "stepSize": _s8(step)}
+    )
+    if base_on is not None and min_notional:
+        r["minNotional"] = _s8(min_notional)
+    return SymbolSpec(
+        symbol=symbol,
+        base=base,
+        quote=quote,
+        min_price=Decimal(r["minPrice"]),
+        max_price=Decimal(r["maxPrice"]),
+        tick=tick.normalize(),
+        min_qty=Decimal(r["minQty"]),
+        max_qty=Decimal(r["maxQty"]),
+        step=step.normalize(),
+        market_max_qty=Decimal(r["marketMaxQty"]),
+        min_notional=Decimal(r["minNotional"]),
+        raw=r,
+    )
+
+
 RATE_LIMITS: list[dict[str, Any]] = [
     {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
     {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 100},
@@ -118,11 +182,15 @@ def symbol_info(spec: SymbolSpec) -> dict[str, Any]:
     }
 
 
-def exchange_info(specs: list[SymbolSpec], server_time_ms: int) -> dict[str, Any]:
+def exchange_info(
+    specs: list[SymbolSpec], server_time_ms: int, weight_limit: int = 6000
+) -> dict[str, Any]:
+    limits = [dict(x) for x in RATE_LIMITS]
+    limits[0]["limit"] = weight_limit
     return {
         "timezone": "UTC",
         "serverTime": server_time_ms,
-        "rateLimits": RATE_LIMITS,
+        "rateLimits": limits,
         "exchangeFilters": [],
         "symbols": [symbol_info(s) for s in specs],
     }
