@@ -298,3 +298,157 @@ async def test_commit_survives_a_script_cache_flush(r):
     await Producer(r).publish([(IN, m) for m in ticks(5, start=5)])
     await drain(c)
     assert len(await out_ids(r)) == 10
+
+
+# -- manual acknowledgement ----------------------------------------------------------------
+
+
+class Holder:
+    """A handler for manual mode: keeps every delivery it was handed, outputs nothing."""
+
+    def __init__(self, fail_ids: Sequence[str] = ()) -> None:
+        self.got: list[Delivery] = []
+        self.fail_ids = set(fail_ids)
+
+    async def __call__(self, batch: Sequence[Delivery]):
+        for d in batch:
+            if d.message.id in self.fail_ids:
+                raise ValueError("not yet")
+        self.got.extend(batch)
+        return []
+
+    def ids(self) -> list[str]:
+        return [d.message.id for d in self.got]
+
+
+def manual(r, name: str = "c1", handler=None, **kw) -> Consumer:
+    return consumer(r, name=name, handler=handler or Holder(), ack="manual", **kw)
+
+
+async def pending_of(r, name: str | None = None) -> int:
+    info = await r.xpending(IN, GROUP)
+    if name is None:
+        return int(info["pending"])
+    return sum(int(c["pending"]) for c in info["consumers"] if c["name"] == name.encode())
+
+
+async def test_manual_mode_holds_entries_until_ack(r):
+    msgs = ticks(10)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    h = Holder()
+    c = manual(r, handler=h, batch_size=4)
+    await c.ensure_groups()
+    await drain(c)
+    assert h.ids() == [m.id for m in msgs]
+    assert c.held == 10
+    assert await pending_of(r) == 10  # handled, not acknowledged
+    assert await c.ack(h.got[:4]) == 4
+    assert await pending_of(r) == 6 and c.held == 6
+    # ids as (stream, str) pairs work too, and outputs go with the ack
+    rest = [(d.stream, d.entry_id.decode()) for d in h.got[4:]]
+    assert await c.ack(rest, outputs=[(OUT, msgs[0])]) == 6
+    assert await pending_of(r) == 0 and c.held == 0
+    assert await out_ids(r) == [msgs[0].id]
+
+
+async def test_manual_mode_does_not_reread_held_entries_while_running(r):
+    """A failure sends the consumer back to its pending history: held entries are skipped."""
+    msgs = ticks(8)
+    await Producer(r).publish([(IN, m) for m in msgs[:5]])
+    h = Holder(fail_ids=[msgs[6].id])
+    c = manual(r, handler=h, batch_size=100)
+    await c.ensure_groups()
+    await drain(c)
+    assert h.ids() == [m.id for m in msgs[:5]]
+    await Producer(r).publish([(IN, m) for m in msgs[5:]])
+    await c.run_once()  # 5, 6, 7 read; 6 fails: 5 held, 7 left pending behind it
+    assert h.ids() == [m.id for m in msgs[:6]]
+    h.fail_ids.clear()
+    await drain(c)
+    # only 6 and 7 came back from the pending history, in order, once each
+    assert h.ids() == [m.id for m in msgs]
+    assert c.held == 8 and await pending_of(r) == 8
+    await c.ack(h.got)
+    assert await pending_of(r) == 0
+
+
+async def test_manual_mode_held_entries_are_reread_after_a_crash(r):
+    msgs = ticks(6)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    first = Holder()
+    c = manual(r, name="arch-0", handler=first)
+    await c.ensure_groups()
+    await drain(c)
+    await c.ack(first.got[:2])
+    # the replica dies holding 4; restarted under the same name it reads them first
+    more = ticks(2, start=6)
+    await Producer(r).publish([(IN, m) for m in more])
+    again = Holder()
+    restarted = manual(r, name="arch-0", handler=again)
+    assert await restarted.run_once() == 4
+    assert again.ids() == [m.id for m in msgs[2:]]
+    await drain(restarted)
+    assert again.ids() == [m.id for m in msgs[2:] + more]
+    await restarted.ack(again.got)
+    assert await pending_of(r) == 0
+
+
+async def test_manual_mode_another_replica_claims_held_entries_only_after_idle(r):
+    msgs = ticks(5)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    a_h, b_h = Holder(), Holder()
+    # A touches its own entries on every pass (claim tick every time)
+    # batch size 2: touching and claiming both go page by page
+    opts = {"claim_interval_s": 0.0, "claim_idle_ms": 400, "batch_size": 2}
+    a = manual(r, name="a", handler=a_h, **opts)
+    b = manual(r, name="b", handler=b_h, **opts)
+    await a.ensure_groups()
+    await drain(a)
+    assert a.held == 5
+    # while A is alive (it keeps touching what it holds), B takes nothing
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        await a.run_once()
+        await b.run_once()
+        await asyncio.sleep(0.05)
+    assert b_h.got == [] and await pending_of(r, "a") == 5
+    # touching counts no delivery
+    rows = await r.xpending_range(IN, GROUP, min="-", max="+", count=10)
+    assert {int(row["times_delivered"]) for row in rows} == {1}
+    # A dies; B claims its entries only once they have been idle claim_idle_ms
+    await asyncio.sleep(0.1)
+    await b.run_once()
+    assert b_h.got == []
+    await asyncio.sleep(0.4)
+    await b.run_once()
+    assert b_h.ids() == [m.id for m in msgs]
+    assert b.held == 5 and await pending_of(r, "b") == 5 and await pending_of(r) == 5
+    await b.ack(b_h.got)
+    assert await pending_of(r) == 0
+
+
+async def test_manual_mode_dead_letter_and_ack_with_batch(r):
+    msgs = ticks(4)
+    await Producer(r).publish([(IN, m) for m in msgs])
+    await r.xadd(IN, {codec.FIELD: b"\xc1junk"})
+    kept: list[Delivery] = []
+    c: Consumer
+
+    async def handler(batch: Sequence[Delivery]):
+        odd = [d for d in batch if d.message.trade_id % 2]
+        c.ack_with_batch(odd)  # not wanted: acknowledged in this batch's commit
+        kept.extend(d for d in batch if not d.message.trade_id % 2)
+        return [(OUT, d.message) for d in batch]
+
+    c = manual(r, handler=handler)
+    await c.ensure_groups()
+    await drain(c)
+    assert await out_ids(r) == [m.id for m in msgs]
+    assert c.held == 2 and await pending_of(r) == 2  # the junk is dead-lettered and acked
+    await c.dead_letter(kept[0], "archive: cannot write")
+    dead = await r.xrange(S.dead_letters(GROUP))
+    assert [f[bus.DLQ_REASON] for _, f in dead][-1] == b"archive: cannot write"
+    assert codec.decode(dead[-1][1][bus.DLQ_PAYLOAD]) == msgs[0]
+    assert c.held == 1 and await pending_of(r) == 1
+    await c.ack(kept[1:])
+    assert await pending_of(r) == 0 and c.held == 0

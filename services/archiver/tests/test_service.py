@@ -48,7 +48,7 @@ async def publish(redis, items: list[tuple[str, AnyMessage]]) -> None:  # type: 
 async def drain(a: Archiver) -> None:
     """Poll until the pending history is read and no new entries arrive."""
     await a.ensure_groups()
-    while a._pending_mode:
+    while a.consumer._pending_mode:
         await a.poll_once()
     for _ in range(50):
         if await a.poll_once() == 0:
@@ -259,3 +259,40 @@ def test_service_flushes_on_sigterm(redis_url, tmp_path):
         candle("BTCUSDT", i) for i in range(3)
     ]
     assert r.xpending(btc, GROUP)["pending"] == 0
+
+
+async def test_dead_replicas_held_entries_are_taken_over_after_claim_idle(redis_url, tmp_path):
+    redis = redis_client(redis_url)
+    store = LocalStore(tmp_path / "archive")
+    btc = stream(Kind.CANDLES, "BTCUSDT")
+    candles = [candle("BTCUSDT", i) for i in range(5)]
+    opts = {"claim_idle_ms": 300, "claim_interval_s": 0.0}
+    dead = make_archiver(redis, store, **opts)
+    await dead.ensure_groups()
+    await publish(redis, [(btc, c) for c in candles])
+    await drain(dead)
+    assert dead.consumer.held == 5 and store.list() == []
+    # replica 0 dies holding them (never flushed); replica 1 takes them once idle
+    survivor = Archiver(
+        redis,
+        store,
+        group=GROUP,
+        consumer="archiver-1",
+        streams=archived_streams(SYMBOLS),
+        flush_rows=1000,
+        flush_interval_s=3600.0,
+        block_ms=50,
+        **opts,  # type: ignore[arg-type]
+    )
+    await drain(survivor)
+    assert survivor.consumer.held == 0  # not idle long enough yet
+    await asyncio.sleep(0.35)
+    await drain(survivor)
+    assert survivor.consumer.held == 5
+    await survivor.flush_all()
+    r = sync_redis.Redis.from_url(redis_url)
+    assert pending(r, btc) == 0
+    assert parquet.read_messages(
+        [store.get(k) for k in candle_files(store, "BTCUSDT")], Candle
+    ) == (candles)
+    await redis.aclose()

@@ -9,10 +9,21 @@ The consumer keeps these promises:
 * An entry that does not decode, or whose handling fails on its N-th delivery,
   is added to the group's dead-letter stream with its reason *before* it is
   acknowledged, so a crash leaves a duplicate, never a loss.
-* The handler's outputs, dead letters and the acknowledgement go in one MULTI.
+* The handler's outputs, dead letters and the acknowledgement go in one script.
 * After a failure in one stream, the rest of that stream's batch is left pending
   and re-read in order, so per-symbol order holds.
 * Every XADD is bounded (MAXLEN ~).
+
+Acknowledgement is ``ack="auto"`` by default: a batch is acknowledged when its handler
+returns. With ``ack="manual"`` the handled entries are *held* (delivered, left pending)
+until the service calls :meth:`Consumer.ack` (e.g. once a file holding them is durable)
+or :meth:`Consumer.dead_letter`; a handler can also hand back entries it does not want
+to hold with :meth:`Consumer.ack_with_batch`, acknowledged in the batch's own commit.
+Held entries are never re-read as own pending while the consumer runs; after a crash
+they are (the consumer name is stable). On every claim tick the consumer first touches
+its own pending entries (XCLAIM JUSTID, no delivery counted), so a live replica's held
+entries never look idle to another replica; a dead one's are claimed after
+``claim_idle_ms``.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -84,6 +95,35 @@ for _ = 1, n_ack do
 end
 return {n_out, n_dead, acked}
 """
+
+
+# Manual-ack mode: reset the idle time of every entry this consumer owns on one stream
+# (XCLAIM ... JUSTID does not count a delivery), so that another replica's XAUTOCLAIM
+# does not take entries a live replica holds. Ownership is read and the claim made in
+# one atomic script, so an entry another replica already took is never taken back.
+#   KEYS: stream   ARGV: group, consumer, page size
+_TOUCH_LUA: Final = """
+local group = ARGV[1]
+local consumer = ARGV[2]
+local page = tonumber(ARGV[3])
+local start = '-'
+local touched = 0
+while true do
+  local rows = redis.call('XPENDING', KEYS[1], group, start, '+', page, consumer)
+  if #rows == 0 then break end
+  local args = {'XCLAIM', KEYS[1], group, consumer, 0}
+  for j = 1, #rows do args[#args + 1] = rows[j][1] end
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+  touched = touched + #rows
+  if #rows < page then break end
+  start = '(' .. rows[#rows][1]
+end
+return touched
+"""
+
+#: How a consumer acknowledges: when the handler returns, or when the service says so.
+AckMode = Literal["auto", "manual"]
 
 
 def _b(value: Any) -> bytes:
@@ -204,8 +244,18 @@ class Producer:
         return n
 
 
+#: A dead letter: (stream, entry id, reason, deliveries, raw payload).
+_Dead = tuple[str, bytes, str, int, bytes]
+#: A raw entry read from Redis: (stream, entry id, fields, deliveries).
+_Raw = tuple[str, bytes, dict[bytes, bytes], int]
+
+
 class Consumer:
-    """Runs a handler over a set of streams as one member of a consumer group."""
+    """Runs a handler over a set of streams as one member of a consumer group.
+
+    ``ack="auto"`` (the default) acknowledges each batch with the handler's outputs.
+    ``ack="manual"`` holds handled entries until :meth:`ack` or :meth:`dead_letter`.
+    """
 
     def __init__(
         self,
@@ -222,26 +272,37 @@ class Consumer:
         claim_interval_s: float = 15.0,
         maxlen: int = DEFAULT_MAXLEN,
         retry_backoff_s: float = 0.2,
+        ack: AckMode = "auto",
     ) -> None:
         if not streams:
             raise ValueError("a consumer needs at least one stream")
+        if ack not in ("auto", "manual"):
+            raise ValueError(f"ack must be 'auto' or 'manual', not {ack!r}")
         self.redis = redis
         self.group = group
         self.consumer = consumer
         self.streams = list(streams)
         self.handler = handler
         self.batch_size = batch_size
+        #: How long a read of new entries blocks; a service may lower it between calls.
         self.block_ms = block_ms
         self.max_deliveries = max_deliveries
         self.claim_idle_ms = claim_idle_ms
         self.claim_interval_s = claim_interval_s
         self.maxlen = maxlen
         self.retry_backoff_s = retry_backoff_s
+        self.manual = ack == "manual"
         self.dead_letter_stream = dead_letters(group)
         self._commit_script = CommitScript(redis)
-        # Phase: while True, read own pending history (cursor per stream) before new entries.
+        self._touch_script = redis.register_script(_TOUCH_LUA)
+        # Phase: while True, read own pending history (cursor per stream still being read)
+        # before new entries.
         self._pending_mode = True
         self._pending_cursor: dict[str, bytes] = dict.fromkeys(self.streams, b"0")
+        # Manual mode: entries handled and not yet acknowledged, per stream.
+        self._held: dict[str, set[bytes]] = {}
+        # Manual mode: entries to acknowledge with the next commit (ack_with_batch).
+        self._batch_acks: list[tuple[str, bytes]] = []
         self._last_claim = 0.0
         self._stop = asyncio.Event()
         self.processed = 0
@@ -265,6 +326,63 @@ class Consumer:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
+    # -- manual acknowledgement -----------------------------------------------------------
+    @property
+    def held(self) -> int:
+        """How many handled entries wait for :meth:`ack` (manual mode)."""
+        return sum(len(ids) for ids in self._held.values())
+
+    def is_held(self, stream: str, entry_id: bytes | str) -> bool:
+        return _b(entry_id) in self._held.get(stream, ())
+
+    def ack_with_batch(self, deliveries: Iterable[Delivery]) -> None:
+        """Manual mode: acknowledge these entries in the commit of the batch in hand.
+
+        For entries a handler does not want to hold (e.g. kinds it ignores): they go
+        in the same script as the batch's outputs, at no extra round trip. In auto
+        mode every handled entry is acknowledged with its batch anyway.
+        """
+        if self.manual:
+            self._batch_acks.extend((d.stream, d.entry_id) for d in deliveries)
+
+    async def ack(
+        self,
+        entries: Iterable[Delivery | tuple[str, bytes | str]],
+        outputs: Sequence[Outgoing] = (),
+    ) -> int:
+        """Manual mode: acknowledge held entries (with optional outputs, atomically).
+
+        Returns the number of entries Redis acknowledged.
+        """
+        pairs = [
+            (e.stream, e.entry_id) if isinstance(e, Delivery) else (e[0], _b(e[1])) for e in entries
+        ]
+        if not pairs and not outputs:
+            return 0
+        reply = await self._commit(outputs, (), (), pairs)
+        self._release(pairs)
+        return int(reply[2]) if reply else 0
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Add a held entry to the dead-letter stream and acknowledge it, atomically."""
+        dead = (
+            delivery.stream,
+            delivery.entry_id,
+            reason,
+            delivery.deliveries,
+            codec.encode(delivery.message),
+        )
+        await self._commit((), (), [dead])
+        self._release([(delivery.stream, delivery.entry_id)])
+
+    def _release(self, pairs: Iterable[tuple[str, bytes]]) -> None:
+        for stream, entry_id in pairs:
+            held = self._held.get(stream)
+            if held is not None:
+                held.discard(entry_id)
+                if not held:
+                    del self._held[stream]
+
     # -- main loop ------------------------------------------------------------------------
     async def run(self) -> None:
         """Process until :meth:`stop` is called."""
@@ -282,15 +400,16 @@ class Consumer:
         now = time.monotonic()
         if now - self._last_claim >= self.claim_interval_s:
             self._last_claim = now
+            if self.manual:
+                await self.touch_own()
             claimed = await self.reclaim()
             if claimed:
                 return claimed
             await self.update_lag_metrics()
         if self._pending_mode:
             entries = await self._read(pending=True)
-            if not entries:
+            if not self._pending_cursor:
                 self._pending_mode = False
-                return 0
         else:
             entries = await self._read(pending=False)
         if not entries:
@@ -298,35 +417,48 @@ class Consumer:
         return await self._process(entries)
 
     # -- reading ----------------------------------------------------------------------------
-    async def _read(self, *, pending: bool) -> list[tuple[str, bytes, dict[bytes, bytes], int]]:
-        if pending:
-            ids: dict[Any, Any] = {s: self._pending_cursor[s] for s in self.streams}
-            reply = await self.redis.xreadgroup(
-                self.group, self.consumer, ids, count=self.batch_size
-            )
-        else:
-            ids = dict.fromkeys(self.streams, ">")
-            reply = await self.redis.xreadgroup(
-                self.group, self.consumer, ids, count=self.batch_size, block=self.block_ms
-            )
-        out: list[tuple[str, bytes, dict[bytes, bytes], int]] = []
-        reply = cast(Any, reply)
-        if not reply:
-            return out
-        items: Any = reply.items() if isinstance(reply, dict) else reply
-        for stream_raw, entries in items:
-            stream = _s(stream_raw)
-            if isinstance(entries, list) and entries and isinstance(entries[0], list):
-                entries = entries[0]  # RESP3 shape
-            if not entries:
-                continue
-            counts: dict[bytes, int] = {}
+    async def _read(self, *, pending: bool) -> list[_Raw]:
+        out: list[_Raw] = []
+        while True:
             if pending:
-                self._pending_cursor[stream] = entries[-1][0]
-                counts = await self._delivery_counts(stream, entries[0][0], entries[-1][0])
-            for entry_id, fields in entries:
-                out.append((stream, entry_id, fields or {}, counts.get(entry_id, 1)))
-        return out
+                if not self._pending_cursor:
+                    return out
+                ids: dict[Any, Any] = dict(self._pending_cursor)
+                reply = await self.redis.xreadgroup(
+                    self.group, self.consumer, ids, count=self.batch_size
+                )
+            else:
+                ids = dict.fromkeys(self.streams, ">")
+                reply = await self.redis.xreadgroup(
+                    self.group, self.consumer, ids, count=self.batch_size, block=self.block_ms
+                )
+            reply = cast(Any, reply)
+            items: Any = (reply.items() if isinstance(reply, dict) else reply) if reply else ()
+            still_pending: set[str] = set()
+            for stream_raw, entries in items:
+                stream = _s(stream_raw)
+                if isinstance(entries, list) and entries and isinstance(entries[0], list):
+                    entries = entries[0]  # RESP3 shape
+                if not entries:
+                    continue
+                counts: dict[bytes, int] = {}
+                held: set[bytes] | None = None
+                if pending:
+                    still_pending.add(stream)
+                    self._pending_cursor[stream] = entries[-1][0]
+                    held = self._held.get(stream)
+                    counts = await self._delivery_counts(stream, entries[0][0], entries[-1][0])
+                if held:  # manual mode: held entries were handled; they are no retry
+                    entries = [e for e in entries if e[0] not in held]
+                for entry_id, fields in entries:
+                    out.append((stream, entry_id, fields or {}, counts.get(entry_id, 1)))
+            if not pending:
+                return out
+            for stream in [s for s in self._pending_cursor if s not in still_pending]:
+                del self._pending_cursor[stream]  # this stream's own history is read
+            if out or not still_pending:
+                return out
+            # a page of held entries only: read on (the cursor moved past them)
 
     async def _delivery_counts(self, stream: str, first: bytes, last: bytes) -> dict[bytes, int]:
         rows: Any = await self.redis.xpending_range(
@@ -338,6 +470,21 @@ class Consumer:
             consumername=self.consumer,
         )
         return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    async def touch_own(self) -> int:
+        """Reset the idle time of every entry this consumer owns (no delivery counted).
+
+        Manual mode runs it on every claim tick, before XAUTOCLAIM: entries a live
+        replica holds never reach ``claim_idle_ms``, so only a dead replica's are taken.
+        """
+        total = 0
+        for stream in self.streams:
+            total += int(
+                await self._touch_script(
+                    keys=[stream], args=[self.group, self.consumer, min(self.batch_size, 1000)]
+                )
+            )
+        return total
 
     async def reclaim(self) -> int:
         """Take over entries idle longer than ``claim_idle_ms`` (dead replicas); process them."""
@@ -355,12 +502,15 @@ class Consumer:
                 )
                 next_start, claimed = reply[0], reply[1]
                 claimed = [(eid, f) for eid, f in claimed if eid is not None]
+                held = self._held.get(stream)
+                if held:
+                    claimed = [(eid, f) for eid, f in claimed if eid not in held]
                 if claimed:
                     counts = await self._delivery_counts(stream, claimed[0][0], claimed[-1][0])
                     entries = [(stream, eid, f or {}, counts.get(eid, 2)) for eid, f in claimed]
                     log.info("reclaimed %d idle entries from %s", len(entries), stream)
                     total += await self._process(entries)
-                if _s(next_start) in ("0-0", "0") or not claimed:
+                if _s(next_start) in ("0-0", "0") or not reply[1]:
                     break
                 start = next_start
         return total
@@ -381,9 +531,9 @@ class Consumer:
                     metrics.CONSUMER_LAG.labels(self.group, stream).set(lag)
 
     # -- processing ---------------------------------------------------------------------------
-    async def _process(self, entries: list[tuple[str, bytes, dict[bytes, bytes], int]]) -> int:
+    async def _process(self, entries: list[_Raw]) -> int:
         deliveries: list[Delivery] = []
-        dead: list[tuple[str, bytes, str, int, bytes]] = []
+        dead: list[_Dead] = []
         per_stream_in: dict[str, int] = {}
         decode = codec.decode
         field = codec.FIELD
@@ -417,16 +567,35 @@ class Consumer:
                 dead.extend(failed_dead)
         if deliveries:
             metrics.HANDLER_LATENCY.labels(self.group).observe(time.perf_counter() - started)
-        await self._commit(outputs, done, dead)
+        try:
+            if self.manual:
+                acks, self._batch_acks = self._batch_acks, []
+                await self._commit(outputs, (), dead, acks)
+                acked = set(acks)
+                for d in done:
+                    if (d.stream, d.entry_id) not in acked:
+                        self._held.setdefault(d.stream, set()).add(d.entry_id)
+                self._release(acks)
+            else:
+                await self._commit(outputs, done, dead)
+        except (ConnectionError, OSError, aioredis.ConnectionError):
+            # Nothing of the batch is committed: read it again from the pending history.
+            self._reread(d.stream for d in done)
+            raise
         self.processed += len(done)
         return len(done) + len(dead)
 
+    def _reread(self, streams: Iterable[str]) -> None:
+        for stream in set(streams):
+            self._pending_cursor[stream] = b"0"
+            self._pending_mode = True
+
     async def _process_one_by_one(
         self, deliveries: list[Delivery]
-    ) -> tuple[list[Outgoing], list[Delivery], list[tuple[str, bytes, str, int, bytes]]]:
+    ) -> tuple[list[Outgoing], list[Delivery], list[_Dead]]:
         outputs: list[Outgoing] = []
         done: list[Delivery] = []
-        dead: list[tuple[str, bytes, str, int, bytes]] = []
+        dead: list[_Dead] = []
         blocked: set[str] = set()
         for d in deliveries:
             if d.stream in blocked:
@@ -461,9 +630,7 @@ class Consumer:
                     blocked.add(d.stream)
         if blocked:
             # Go back to our pending history for the blocked streams, after a short pause.
-            for stream in blocked:
-                self._pending_cursor[stream] = b"0"
-            self._pending_mode = True
+            self._reread(blocked)
             await asyncio.sleep(self.retry_backoff_s)
         return outputs, done, dead
 
@@ -471,10 +638,11 @@ class Consumer:
         self,
         outputs: Sequence[Outgoing],
         done: Sequence[Delivery],
-        dead: Sequence[tuple[str, bytes, str, int, bytes]],
-    ) -> None:
-        if not outputs and not done and not dead:
-            return
+        dead: Sequence[_Dead],
+        extra_acks: Sequence[tuple[str, bytes]] = (),
+    ) -> Any:
+        if not outputs and not done and not dead and not extra_acks:
+            return None
         keys = _Keys()
         encode = codec.encode
         args: list[Any] = [self.group, self.maxlen, DEAD_LETTER_MAXLEN, len(outputs)]
@@ -492,17 +660,20 @@ class Consumer:
                 acks.setdefault(stream, []).append(entry_id)
         for d in done:
             acks.setdefault(d.stream, []).append(d.entry_id)
+        for stream, entry_id in extra_acks:
+            acks.setdefault(stream, []).append(entry_id)
         args.append(len(acks))
         for stream, ids in acks.items():
             args.append(keys(stream))
             args.append(len(ids))
             args.extend(ids)
-        await self._commit_script(keys.names, args)
+        reply = await self._commit_script(keys.names, args)
         for stream, count in per_stream_out.items():
             metrics.MESSAGES_OUT.labels(self.group, stream).inc(count)
         for stream, _eid, reason, _c, _p in dead:
             metrics.DEAD_LETTERS.labels(self.group, stream, reason.split(":", 1)[0]).inc()
         self.dead_lettered += len(dead)
+        return reply
 
 
 async def replay_dead_letters(

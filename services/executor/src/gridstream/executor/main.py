@@ -45,10 +45,12 @@ async def run(settings: ExecutorSettings, rt: Runtime, venue: Venue | None = Non
         unknown_outcome_queries=settings.unknown_outcome_queries,
         unknown_outcome_wait_s=settings.unknown_outcome_wait_s,
         reconnect_delay_s=settings.reconnect_delay_s,
+        outbox_retry_s=settings.outbox_retry_s,
         stop_event=rt.stop_event,
     )
     rt.status["venue"] = settings.venue
     events = asyncio.create_task(executor.follow_events(), name="user-stream")
+    outbox = asyncio.create_task(executor.outbox_loop(), name="outbox")
     try:
         waiters = [
             asyncio.create_task(executor.reconciled.wait()),
@@ -60,9 +62,11 @@ async def run(settings: ExecutorSettings, rt: Runtime, venue: Venue | None = Non
         if not rt.stop_event.is_set():
             await rt.consume(streams(Kind.ORDERS, settings.symbols), executor.handle)
     finally:
-        events.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await events
+        for task in (events, outbox):
+            task.cancel()
+        for task in (events, outbox):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await venue.close()
 
 

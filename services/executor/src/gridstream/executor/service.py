@@ -7,10 +7,21 @@ Exactly-once rules, in order of the code below:
   left ``pending``/``unknown`` (crash or lost answer) is first looked up at the venue.
 * An answer that may or may not have happened (:class:`UnknownOutcome`) is resolved by
   querying the order by client id, never by sending again blindly.
-* Fills are inserted with ``ON CONFLICT (venue, symbol, trade_id) DO NOTHING`` and
-  published only when the insert was new.
-* Reconciliation (open orders + own trades since the last known fill) runs at start and
-  after every user-stream reconnect, while new orders wait.
+* Fills are inserted with ``ON CONFLICT (venue, symbol, trade_id) DO NOTHING``.
+* Outbox: what the executor learns from the venue outside a bus delivery (user-stream
+  events, reconciliation) is written with ``published_at`` NULL and its encoded message
+  (``payload``) in the same transaction as the ledger change, then published, then
+  marked. Nothing is published that is not first in the ledger, and a crash between
+  the two leaves the row to be published again (migration 0002).
+* Answers to a bus delivery (accepted/canceled/failed for an approval) are not in the
+  outbox: they are the handler's outputs, committed with the acknowledgement, and a
+  redelivered approval re-emits them (:meth:`Executor._outcome_of`).
+* Reconciliation (unpublished outbox rows, open orders, own trades since the last
+  known fill, then the outbox again) runs at start and after every user-stream
+  reconnect, while new orders wait. A failed publish is retried every
+  ``outbox_retry_s`` (:meth:`Executor.outbox_loop`).
+* A crash after a publish and before its mark publishes the row again: the same message
+  id and trade id, which risk and strategy drop as already seen.
 """
 
 from __future__ import annotations
@@ -25,8 +36,9 @@ from typing import Any
 
 import asyncpg
 import msgspec
+from redis.exceptions import RedisError
 
-from gridstream.common import metrics
+from gridstream.common import codec, metrics
 from gridstream.common.binance import trading as bt
 from gridstream.common.bus import Delivery, Outgoing, Producer
 from gridstream.common.ledger import LedgerStatus
@@ -42,6 +54,9 @@ from gridstream.common.streams import Kind, stream
 from gridstream.executor.venue import StreamConnected, StreamDisconnected, Venue
 
 log = logging.getLogger("gridstream.executor")
+
+#: Outbox rows published per round trip.
+OUTBOX_PAGE = 500
 
 TERMINAL = (LedgerStatus.FILLED, LedgerStatus.CANCELED, LedgerStatus.FAILED)
 UNRESOLVED = (LedgerStatus.PENDING, LedgerStatus.UNKNOWN)
@@ -73,6 +88,7 @@ class Executor:
         unknown_outcome_queries: int = 3,
         unknown_outcome_wait_s: float = 0.5,
         reconnect_delay_s: float = 1.0,
+        outbox_retry_s: float = 1.0,
         stop_event: asyncio.Event | None = None,
     ) -> None:
         self.venue = venue
@@ -83,10 +99,14 @@ class Executor:
         self.unknown_outcome_queries = unknown_outcome_queries
         self.unknown_outcome_wait_s = unknown_outcome_wait_s
         self.reconnect_delay_s = reconnect_delay_s
+        self.outbox_retry_s = outbox_retry_s
         self.stop_event = stop_event or asyncio.Event()
         self.lock = asyncio.Lock()
         self.reconciled = asyncio.Event()
         self.reconciliations = 0
+        self._outbox_lock = asyncio.Lock()
+        #: True while outbox rows may wait for a publish that failed.
+        self.outbox_dirty = True
 
     @property
     def name(self) -> str:
@@ -203,8 +223,15 @@ class Executor:
         return out
 
     async def _record_failed(
-        self, symbol: str, client_order_id: str, action: str, exc: bt.BinanceError
+        self,
+        symbol: str,
+        client_order_id: str,
+        action: str,
+        exc: bt.BinanceError,
+        *,
+        outbox: bool = False,
     ) -> list[Outgoing]:
+        """Record a refusal; with ``outbox`` (outside a bus delivery) also queue its message."""
         now = time.time_ns()
         failed = bt.order_failed(
             symbol=symbol,
@@ -225,7 +252,13 @@ class Executor:
                     list(UNRESOLVED),
                 )
             await self._event(
-                conn, failed.id, client_order_id, f"{action}_failed", f"{exc.code} {exc.msg}", now
+                conn,
+                failed.id,
+                client_order_id,
+                f"{action}_failed",
+                f"{exc.code} {exc.msg}",
+                now,
+                failed if outbox else None,
             )
         return [_out(failed, symbol)]
 
@@ -318,8 +351,9 @@ class Executor:
 
     async def _record_canceled(self, order: bt.VenueOrder) -> list[Outgoing]:
         msg = bt.order_canceled(order, venue=self.name, ts_init=time.time_ns())
-        new = await self._apply_canceled(msg)
-        del new  # a redelivered cancel re-emits the same message id: consumers dedupe
+        # An answer to a bus delivery: published with the acknowledgement, not via the
+        # outbox. A redelivered cancel re-emits the same message id: consumers dedupe.
+        await self._apply_canceled(msg, outbox=False)
         return [_out(msg, order.symbol)]
 
     # =========================================================================== queries
@@ -366,27 +400,37 @@ class Executor:
 
     @staticmethod
     async def _event(
-        conn: asyncpg.Connection, event_id: str, coid: str, kind: str, detail: str, ts: int
+        conn: asyncpg.Connection,
+        event_id: str,
+        coid: str,
+        kind: str,
+        detail: str,
+        ts: int,
+        outbox: AnyMessage | None = None,
     ) -> bool:
+        """Insert an order event once; ``outbox``: the message to publish with it, queued."""
         new = await conn.fetchval(
-            "INSERT INTO order_events (event_id, client_order_id, kind, detail, ts_event)"
-            " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (event_id) DO NOTHING RETURNING true",
+            "INSERT INTO order_events (event_id, client_order_id, kind, detail, ts_event,"
+            " published_at, payload) VALUES ($1,$2,$3,$4,$5,"
+            " CASE WHEN $6::bytea IS NULL THEN 0 END, $6)"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING true",
             event_id,
             coid,
             kind,
             detail,
             ts,
+            None if outbox is None else codec.encode(outbox),
         )
         return bool(new)
 
     async def record_fill(self, fill: OrderFilled) -> bool:
-        """Insert one fill and update its order; True only when the fill was new."""
+        """Insert one fill (queued in the outbox) and update its order; True when new."""
         now = time.time_ns()
         async with self.pool.acquire() as conn, conn.transaction():
             new = await conn.fetchval(
                 "INSERT INTO fills (venue, symbol, trade_id, client_order_id, venue_order_id,"
-                " side, price, qty, fee, fee_asset, liquidity, ts_event)"
-                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)"
+                " side, price, qty, fee, fee_asset, liquidity, ts_event, published_at, payload)"
+                " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,NULL,$13)"
                 " ON CONFLICT (venue, symbol, trade_id) DO NOTHING RETURNING true",
                 self.name,
                 fill.symbol,
@@ -400,6 +444,7 @@ class Executor:
                 fill.fee_asset,
                 fill.liquidity,
                 fill.ts_event,
+                codec.encode(fill),
             )
             if not new:
                 return False
@@ -436,10 +481,10 @@ class Executor:
                 time.time_ns(),
             )
             return await self._event(
-                conn, msg.id, msg.client_order_id, "accepted", "", msg.ts_event
+                conn, msg.id, msg.client_order_id, "accepted", "", msg.ts_event, msg
             )
 
-    async def _apply_canceled(self, msg: OrderCanceled) -> bool:
+    async def _apply_canceled(self, msg: OrderCanceled, *, outbox: bool = True) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "UPDATE orders SET status = $2, ts_updated = $3 WHERE client_order_id = $1"
@@ -450,7 +495,13 @@ class Executor:
                 list(LedgerStatus.OPEN),
             )
             return await self._event(
-                conn, msg.id, msg.client_order_id, "canceled", str(msg.filled_qty), msg.ts_event
+                conn,
+                msg.id,
+                msg.client_order_id,
+                "canceled",
+                str(msg.filled_qty),
+                msg.ts_event,
+                msg if outbox else None,
             )
 
     async def _apply_failed(self, msg: OrderFailed) -> bool:
@@ -470,6 +521,7 @@ class Executor:
                 "place_failed",
                 f"{msg.code} {msg.reason}",
                 msg.ts_event,
+                msg,
             )
 
     async def _is_ours(self, client_order_id: str) -> bool:
@@ -481,20 +533,18 @@ class Executor:
             )
 
     # =========================================================================== user stream
-    async def on_event(self, ev: bt.ExecutionMessage) -> list[Outgoing]:
-        """Record one venue event; returns what to publish (only what was new)."""
+    async def on_event(self, ev: bt.ExecutionMessage) -> bool:
+        """Record one venue event in the ledger, its message in the outbox; True if new."""
         if not await self._is_ours(ev.client_order_id):
             log.info("ignoring %s for foreign order %s", type(ev).__name__, ev.client_order_id)
-            return []
+            return False
         if isinstance(ev, OrderFilled):
-            new = await self.record_fill(ev)
-        elif isinstance(ev, OrderAccepted):
-            new = await self._apply_accepted(ev)
-        elif isinstance(ev, OrderCanceled):
-            new = await self._apply_canceled(ev)
-        else:
-            new = await self._apply_failed(ev)
-        return [_out(ev, ev.symbol)] if new else []
+            return await self.record_fill(ev)
+        if isinstance(ev, OrderAccepted):
+            return await self._apply_accepted(ev)
+        if isinstance(ev, OrderCanceled):
+            return await self._apply_canceled(ev)
+        return await self._apply_failed(ev)
 
     async def follow_events(self) -> None:
         """Consume the venue's event stream forever; reconcile on every (re)connect."""
@@ -504,19 +554,80 @@ class Executor:
             elif isinstance(ev, StreamDisconnected):
                 self.reconciled.clear()
                 log.warning("user stream lost; new orders wait for reconciliation")
-            else:
-                await self._publish(await self.on_event(ev))
+            elif await self.on_event(ev):
+                await self.try_flush_outbox()
 
-    async def _publish(self, items: list[Outgoing]) -> None:
-        if items:
-            await self.producer.publish(items)
+    # =========================================================================== outbox
+    async def flush_outbox(self) -> int:
+        """Publish every unpublished outbox row in ledger order, then mark them; a count.
+
+        Raises when Redis or Postgres fails; the rows stay and are published next time.
+        """
+        async with self._outbox_lock:
+            total = 0
+            while True:
+                async with self.pool.acquire() as conn:
+                    rows = await conn.fetch(
+                        "SELECT 'fills' AS tbl, seq, payload FROM fills"
+                        " WHERE published_at IS NULL AND venue = $1"
+                        " UNION ALL SELECT 'order_events', e.seq, e.payload"
+                        " FROM order_events e JOIN orders o USING (client_order_id)"
+                        " WHERE e.published_at IS NULL AND o.venue = $1"
+                        " ORDER BY seq LIMIT $2",
+                        self.name,
+                        OUTBOX_PAGE,
+                    )
+                if not rows:
+                    self.outbox_dirty = False
+                    return total
+                items: list[Outgoing] = []
+                for row in rows:
+                    msg = codec.decode(row["payload"])
+                    items.append(_out(msg, getattr(msg, "symbol", "")))
+                await self.producer.publish(items)
+                now = time.time_ns()
+                async with self.pool.acquire() as conn, conn.transaction():
+                    for table in ("fills", "order_events"):
+                        seqs = [r["seq"] for r in rows if r["tbl"] == table]
+                        if seqs:
+                            await conn.execute(
+                                f"UPDATE {table} SET published_at = $1"  # table: one of two names
+                                " WHERE seq = ANY($2::bigint[]) AND published_at IS NULL",
+                                now,
+                                seqs,
+                            )
+                total += len(rows)
+                log.info("published %d execution event(s) from the outbox", len(rows))
+
+    async def try_flush_outbox(self) -> int:
+        """:meth:`flush_outbox`, logging a failure (the retry loop tries again)."""
+        try:
+            return await self.flush_outbox()
+        except (RedisError, OSError, asyncpg.PostgresError) as exc:
+            self.outbox_dirty = True
+            log.warning("publishing execution events failed (%s); will retry", exc)
+            return 0
+
+    async def outbox_loop(self) -> None:
+        """Retry failed outbox publishes every ``outbox_retry_s`` until stopped."""
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), self.outbox_retry_s)
+            if self.outbox_dirty and self.reconciled.is_set():
+                await self.try_flush_outbox()
 
     async def _reconcile_until_done(self) -> None:
         while not self.stop_event.is_set():
             try:
                 await self.reconcile()
                 return
-            except (bt.BinanceError, OutcomeStillUnknown, OSError) as exc:
+            except (
+                bt.BinanceError,
+                OutcomeStillUnknown,
+                OSError,
+                RedisError,
+                asyncpg.PostgresError,
+            ) as exc:
                 log.warning("reconciliation failed (%s); retrying", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), self.reconnect_delay_s)
@@ -525,16 +636,18 @@ class Executor:
     async def reconcile(self) -> int:
         """Bring the ledger in line with the venue; returns how many changes were published."""
         async with self.lock:
-            published = 0
+            # what a crash (or a failed publish) left unpublished goes out first
+            published = await self.flush_outbox()
             for symbol in self.symbols:
-                published += await self._reconcile_symbol(symbol)
+                await self._reconcile_symbol(symbol)
+            published += await self.flush_outbox()
             self.reconciliations += 1
             self.reconciled.set()
             log.info("reconciled with %s: %d change(s)", self.name, published)
             return published
 
-    async def _reconcile_symbol(self, symbol: str) -> int:
-        out: list[Outgoing] = []
+    async def _reconcile_symbol(self, symbol: str) -> None:
+        """Write what the venue knows and the ledger lacks; messages go to the outbox."""
         async with self.pool.acquire() as conn:
             last = await conn.fetchval(
                 "SELECT MAX(trade_id::numeric) FROM fills WHERE venue = $1 AND symbol = $2"
@@ -548,16 +661,13 @@ class Executor:
             if coid is None:
                 continue  # not an order of ours
             fill = msgspec.structs.replace(trade, client_order_id=coid)
-            if await self.record_fill(fill):
-                out.append(_out(fill, symbol))
+            await self.record_fill(fill)
         # 2. open orders at the venue
         open_now = {o.client_order_id: o for o in await self.venue.open_orders(symbol)}
         now = time.time_ns()
         for o in open_now.values():
             if await self._is_ours(o.client_order_id):
-                accepted = bt.order_accepted(o, venue=self.name, ts_init=now)
-                if await self._apply_accepted(accepted):
-                    out.append(_out(accepted, symbol))
+                await self._apply_accepted(bt.order_accepted(o, venue=self.name, ts_init=now))
         # 3. orders we think open that the venue no longer has open
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
@@ -574,35 +684,26 @@ class Executor:
             found = await self._lookup(symbol, coid)
             if found is None:
                 if row["status"] in UNRESOLVED:
-                    out.extend(
-                        await self._record_failed(
-                            symbol,
-                            coid,
-                            "place",
-                            bt.UnknownOrderError(
-                                bt.CODE_NO_SUCH_ORDER, "order never reached the venue"
-                            ),
-                        )
+                    await self._record_failed(
+                        symbol,
+                        coid,
+                        "place",
+                        bt.UnknownOrderError(
+                            bt.CODE_NO_SUCH_ORDER, "order never reached the venue"
+                        ),
+                        outbox=True,
                     )
                 continue
             if found.is_open:
-                accepted = bt.order_accepted(found, venue=self.name, ts_init=now)
-                if await self._apply_accepted(accepted):
-                    out.append(_out(accepted, symbol))
+                await self._apply_accepted(bt.order_accepted(found, venue=self.name, ts_init=now))
             elif found.status in bt.CLOSED_CANCELED_STATUSES:
-                msg = bt.order_canceled(found, venue=self.name, ts_init=now)
-                if await self._apply_canceled(msg):
-                    out.append(_out(msg, symbol))
+                await self._apply_canceled(bt.order_canceled(found, venue=self.name, ts_init=now))
             elif found.status == "FILLED":
                 await self._set_status(coid, LedgerStatus.FILLED, LedgerStatus.OPEN)
             elif found.status == "REJECTED":
-                out.extend(
-                    await self._record_failed(
-                        symbol, coid, "place", bt.RejectedError(0, "REJECTED")
-                    )
+                await self._record_failed(
+                    symbol, coid, "place", bt.RejectedError(0, "REJECTED"), outbox=True
                 )
-        await self._publish(out)
-        return len(out)
 
     async def _client_id_of(self, symbol: str, venue_order_id: str) -> str | None:
         async with self.pool.acquire() as conn:

@@ -22,6 +22,8 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
     reconnect_delay_s: float = 1.0
     unknown_outcome_queries: int = 3
     unknown_outcome_wait_s: float = 0.5
+    #: How often execution events whose publish failed are tried again.
+    outbox_retry_s: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()  # includes the live-trading guard
@@ -40,6 +42,8 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
             raise ValueError("GS_LISTEN_KEY_KEEPALIVE_S: must be > 0")
         if self.unknown_outcome_queries < 1:
             raise ValueError("GS_UNKNOWN_OUTCOME_QUERIES: must be >= 1")
+        if self.outbox_retry_s <= 0:
+            raise ValueError("GS_OUTBOX_RETRY_S: must be > 0")
 
     @property
     def key(self) -> str:
