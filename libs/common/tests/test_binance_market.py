@@ -382,3 +382,80 @@ async def test_fetch_klines_classifies_errors_and_honors_retry_after(
         srv.fail_next = [(502, {})]
         with pytest.raises(bm.ServerError):
             await bm.fetch_klines(session, url, "BTCUSDT", "1m", T0, T0)
+
+
+# -- the whole recorded session, classified -----------------------------------------------
+
+SHARED_SESSION = Path(
+    "/work/shared/data/binance-payloads/recorded/cryptofeed-2021-10-12/ws_combined_stream_session.jsonl"
+)
+
+
+def test_recorded_session_parses_without_loss_every_message_classified() -> None:
+    """All 265 frames of the real session: aggTrade/kline parsed, depth/bookTicker
+    recognised and skipped, none malformed (the fast typed path and the general path agree)."""
+    data = (FIX / "ws_combined_stream_session-cryptofeed.jsonl").read_bytes()
+    if SHARED_SESSION.exists():
+        assert data == SHARED_SESSION.read_bytes()  # the fixture is the recording, unchanged
+    kinds: dict[str, int] = {}
+    lines = data.splitlines()
+    for line in lines:
+        obj = json.loads(line)
+        parsed = bm.parse_frame(line)  # raises MalformedFrame on any loss
+        assert parsed.stream == obj["stream"]
+        event = obj["data"].get("e", "bookTicker" if "b" in obj["data"] else "?")
+        kinds[event] = kinds.get(event, 0) + 1
+        if event == "aggTrade":
+            tick = parsed.message
+            assert isinstance(tick, Tick)
+            d = obj["data"]
+            assert (tick.trade_id, str(tick.price), str(tick.qty)) == (d["a"], d["p"], d["q"])
+            assert tick.ts_event == d["T"] * 1_000_000
+            assert parsed.trades == d["l"] - d["f"] + 1
+        elif event == "kline":
+            assert parsed.event == "kline" and parsed.message is None  # still forming
+            closed_frame = closed(obj)
+            candle = bm.parse_frame(json.dumps(closed_frame)).message
+            assert isinstance(candle, Candle) and candle.trades == obj["data"]["k"]["n"]
+        else:
+            assert parsed.message is None
+    assert len(lines) == 265
+    assert kinds == {"depthUpdate": 177, "bookTicker": 84, "aggTrade": 2, "kline": 2}
+
+
+def test_fast_and_general_paths_agree() -> None:
+    """The typed one-pass decoder and the general path give identical messages."""
+    for name in (
+        "ws_trade-official-docs.json",
+        "ws_spot_trade-nautilus.json",
+        "ws_aggTrade-cryptofeed.json",
+        "ws_kline-cryptofeed.json",
+    ):
+        frame = load(name)
+        if "k" in only_data(frame):
+            frame = closed(frame)
+        body = json.dumps(frame).encode()
+        assert bm.parse_frame(body, ts_init=1) == bm._parse_general(body, 1)
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rest_limiter_window_arithmetic() -> None:
+    clock = FakeClock(1000.0)  # window [960, 1020)
+    lim = bm.RestLimiter(100, fraction=0.8, clock=clock)
+    assert lim.budget == 80 and lim.delay(2) == 0
+    lim.observe({"X-MBX-USED-WEIGHT-1M": "79"})
+    assert lim.delay(1) == 0
+    assert lim.delay(2) == pytest.approx(20.001)  # to the next calendar minute
+    clock.t = 1020.5
+    assert lim.delay(2) == 0 and lim.used == 0  # a new window
+    lim.rate_limited(5.0)
+    assert lim.delay(1) == pytest.approx(5.0)
+    lim.banned(None)
+    assert lim.delay(1) == pytest.approx(bm.DEFAULT_BACKOFF_S)

@@ -5,7 +5,9 @@ Every service exposes the same names (labels say which service and stream):
 ``gridstream_handler_latency_seconds``, ``gridstream_consumer_lag``,
 ``gridstream_consumer_pending``, ``gridstream_dead_letters_total``,
 ``gridstream_reconnects_total``, ``gridstream_gaps_total``,
-``gridstream_gap_candles_total``, ``gridstream_orders_total``,
+``gridstream_gap_candles_total``, ``gridstream_halts_total``,
+``gridstream_halt_candles_total``, ``gridstream_candle_checks_total``,
+``gridstream_rest_weight_used``, ``gridstream_orders_total``,
 ``gridstream_fills_total``, ``gridstream_rejections_total``,
 ``gridstream_equity``, ``gridstream_drawdown``, ``gridstream_kill_switch``,
 ``gridstream_up``.
@@ -62,6 +64,30 @@ GAP_CANDLES: Final = Counter(
     "gap_candles",
     "Candles missing from a gap and backfilled",
     ["service", "symbol"],
+    namespace=NAMESPACE,
+)
+HALTS: Final = Counter(
+    "halts",
+    "Exchange halts recorded (REST confirms no candles exist)",
+    ["service", "symbol"],
+    namespace=NAMESPACE,
+)
+HALT_CANDLES: Final = Counter(
+    "halt_candles",
+    "Candle intervals inside recorded exchange halts",
+    ["service", "symbol"],
+    namespace=NAMESPACE,
+)
+CANDLE_CHECKS: Final = Counter(
+    "candle_checks",
+    "Exchange klines compared with the candle built from the same trades",
+    ["service", "symbol", "result"],
+    namespace=NAMESPACE,
+)
+REST_WEIGHT_USED: Final = Gauge(
+    "rest_weight_used",
+    "Venue request weight used in the current window (X-MBX-USED-WEIGHT-1M)",
+    ["service"],
     namespace=NAMESPACE,
 )
 ORDERS: Final = Counter(

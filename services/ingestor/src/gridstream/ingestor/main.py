@@ -13,7 +13,17 @@ Per connection:
    them. Candles are upserted (COPY + one upsert) *before* anything is published.
    Malformed frames go to the ingestor's dead-letter stream.
 4. A closed or silent connection (no frame for ``silence_timeout_s``) is reconnected
-   with capped, jittered exponential backoff, forever; then back to 2.
+   with capped, jittered exponential backoff, forever; then back to 2. A connection older
+   than ``max_connection_age_s`` (Binance cuts at 24 h) is replaced at once; the catch-up
+   of step 2 covers the switch.
+
+Every REST request goes through one :class:`~gridstream.common.binance.market.RestLimiter`:
+the used weight (``X-MBX-USED-WEIGHT-1M``) stays under ``rest_weight_fraction`` of
+``rest_weight_limit``; a 429 or 418 stops all REST requests until its ``Retry-After``.
+A range REST confirms empty although later candles exist is an exchange halt: a row in
+``market_halts`` and the ``gridstream_halts_total`` metric, never invented candles.
+Trades build candles of the first interval, compared with the exchange's klines
+(``gridstream_candle_checks_total{result="agree"|"differ"}``).
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from gridstream.common.streams import (
     dead_letters,
     stream,
 )
-from gridstream.ingestor.engine import Gap, IngestEngine
+from gridstream.ingestor.engine import CandleCheck, Gap, Halt, IngestEngine, find_halts
 
 log = logging.getLogger("gridstream.ingestor")
 
@@ -76,6 +86,15 @@ CANDLE_KEY: Final = ("symbol", "interval", "open_time")
 PUBLISHED_SCAN: Final = 1000
 DLQ_REASON_MALFORMED: Final = "malformed"
 WS_TARGET: Final = "websocket"
+HALTS_TABLE: Final = "market_halts"
+TRADE_STREAMS: Final = (bm.EVENT_TRADE, bm.EVENT_AGG_TRADE)
+CHECK_AGREE: Final = "agree"
+CHECK_DIFFER: Final = "differ"
+
+HALTS: Final = metrics.HALTS
+HALT_CANDLES: Final = metrics.HALT_CANDLES
+CANDLE_CHECKS: Final = metrics.CANDLE_CHECKS
+REST_WEIGHT: Final = metrics.REST_WEIGHT_USED
 
 
 class IngestorSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -91,9 +110,28 @@ class IngestorSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
     reconnect_max_s: float = 30.0
     rest_timeout_s: float = 15.0
     ws_open_timeout_s: float = 10.0
+    #: ``trade`` or ``aggTrade``: which Binance trade stream feeds the ticks.
+    trade_stream: str = bm.EVENT_TRADE
+    #: Replace a connection this old (Binance closes every connection at 24 h).
+    max_connection_age_s: float = 23.5 * 3600
+    #: The venue's request-weight limit per minute and the share of it we may use.
+    rest_weight_limit: int = bm.DEFAULT_WEIGHT_LIMIT
+    rest_weight_fraction: float = 0.8
+    #: Longest 429/418 wait accepted inside one request before it fails (and retries later).
+    rest_max_wait_s: float = 300.0
+    #: Compare every closed kline of the first interval with the candle built from trades.
+    candle_check: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.trade_stream not in TRADE_STREAMS:
+            raise ValueError("GS_TRADE_STREAM: must be 'trade' or 'aggTrade'")
+        if self.max_connection_age_s <= 0:
+            raise ValueError("GS_MAX_CONNECTION_AGE_S: must be > 0")
+        if self.rest_weight_limit <= 0:
+            raise ValueError("GS_REST_WEIGHT_LIMIT: must be > 0")
+        if not 0 < self.rest_weight_fraction <= 1:
+            raise ValueError("GS_REST_WEIGHT_FRACTION: must be in (0, 1]")
         if not self.intervals:
             raise ValueError("GS_INTERVALS: at least one interval is required")
         for interval in self.intervals:
@@ -131,6 +169,10 @@ class ConnectionLost(Exception):
     """The websocket closed or went silent; reconnect."""
 
 
+class ConnectionAged(Exception):
+    """The connection reached ``max_connection_age_s``; replace it now (no backoff)."""
+
+
 _CLOSED: Final = object()
 
 
@@ -154,7 +196,10 @@ def candle_record(c: Candle) -> tuple[object, ...]:
 def subscriptions(settings: IngestorSettings) -> list[str]:
     names: list[str] = []
     for symbol in settings.symbols:
-        names.append(bm.trade_stream(symbol))
+        if settings.trade_stream == bm.EVENT_AGG_TRADE:
+            names.append(bm.agg_trade_stream(symbol))
+        else:
+            names.append(bm.trade_stream(symbol))
         names.extend(bm.kline_stream(symbol, iv) for iv in settings.intervals)
     return names
 
@@ -165,7 +210,14 @@ class Ingestor:
     def __init__(self, rt: Runtime, settings: IngestorSettings) -> None:
         self.rt = rt
         self.settings = settings
-        self.engine = IngestEngine()
+        self.engine = IngestEngine(settings.intervals[0] if settings.candle_check else None)
+        self.limiter = bm.RestLimiter(
+            settings.rest_weight_limit, fraction=settings.rest_weight_fraction
+        )
+        self.halts: list[Halt] = []
+        self._publishing: asyncio.Task[int] | None = None
+        self._tick_streams: dict[str, str] = {}
+        self._candle_streams: dict[str, str] = {}
         self.symbols = [s.upper() for s in settings.symbols]
         self.url = bm.combined_stream_url(settings.venue_ws_url, subscriptions(settings))
         self.backoff = Backoff(settings.reconnect_initial_s, settings.reconnect_max_s)
@@ -198,9 +250,12 @@ class Ingestor:
                 self.rt.ready = False
                 if stop.is_set():
                     break
+                metrics.RECONNECTS.labels(SERVICE.value, WS_TARGET).inc()
+                if isinstance(exc, ConnectionAged):
+                    log.info("replacing the connection: %s", exc)
+                    continue
                 if exc is not None:
                     log.warning("connection failed: %s: %s", type(exc).__name__, exc)
-                metrics.RECONNECTS.labels(SERVICE.value, WS_TARGET).inc()
                 delay = self.backoff.next()
                 log.info("reconnecting in %.2fs", delay)
                 with contextlib.suppress(TimeoutError):
@@ -229,6 +284,7 @@ class Ingestor:
             max_queue=None,
         ) as ws:
             self.connections += 1
+            self.engine.reset_builder()
             queue: asyncio.Queue[object] = asyncio.Queue()
             reader = asyncio.create_task(self._read(ws, queue), name="ingestor-ws-reader")
             try:
@@ -238,6 +294,10 @@ class Ingestor:
                 log.info("connected and caught up; streaming %s", ", ".join(self.symbols))
                 await self._stream(queue)
             finally:
+                try:
+                    await self.flush()
+                except Exception as exc:
+                    log.warning("publishing the last batch failed: %s", exc)
                 reader.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await reader
@@ -253,10 +313,13 @@ class Ingestor:
     async def _stream(self, queue: asyncio.Queue[object]) -> None:
         stop = self.rt.stop_event
         silence = self.settings.silence_timeout_s
-        last = time.monotonic()
+        last = opened = time.monotonic()
+        max_age = self.settings.max_connection_age_s
         while not stop.is_set():
+            if time.monotonic() - opened > max_age:
+                raise ConnectionAged(f"connection older than {max_age:.0f}s")
             try:
-                first = await asyncio.wait_for(queue.get(), timeout=min(1.0, silence))
+                first = await asyncio.wait_for(queue.get(), timeout=min(1.0, silence, max_age))
             except TimeoutError:
                 if time.monotonic() - last > silence:
                     raise ConnectionLost(f"no frame for {silence:.0f}s") from None
@@ -282,44 +345,99 @@ class Ingestor:
 
     # -- one batch of frames ----------------------------------------------------------------
     async def handle_frames(self, frames: Sequence[bytes | str]) -> None:
-        """Engine over the frames; fill gaps; store candles; publish; dead-letter the bad."""
+        """Engine over the frames; fill gaps; store candles; publish; dead-letter the bad.
+
+        The publish of a batch overlaps the decoding of the next (one batch in flight, in
+        order: see :meth:`flush`); candles are in Postgres before their publish starts.
+        """
         ts_init = time.time_ns()
         out: list[Outgoing] = []
         candles: list[Candle] = []
         dead: list[bm.MalformedFrame] = []
+        on_frame = self.engine.on_frame
+        tick_streams = self._tick_streams
+        append = out.append
         for frame in frames:
             try:
-                items = self.engine.on_frame(frame, ts_init=ts_init)
+                items = on_frame(frame, ts_init=ts_init)
             except bm.MalformedFrame as exc:
                 dead.append(exc)
                 continue
             for item in items:
-                if isinstance(item, Gap):
+                if type(item) is Tick:
+                    name = tick_streams.get(item.symbol)
+                    if name is None:
+                        name = tick_streams[item.symbol] = stream(Kind.TICKS, item.symbol)
+                    append((name, item))
+                elif isinstance(item, Gap):
                     filled = await self.fill_gap(item)
                     candles.extend(filled)
-                    out.extend((stream(Kind.CANDLES, c.symbol), c) for c in filled)
+                    out.extend((self._candle_stream(c.symbol), c) for c in filled)
                 elif isinstance(item, Candle):
                     candles.append(item)
-                    out.append((stream(Kind.CANDLES, item.symbol), item))
-                elif isinstance(item, Tick):
-                    out.append((stream(Kind.TICKS, item.symbol), item))
+                    append((self._candle_stream(item.symbol), item))
+                elif isinstance(item, CandleCheck):
+                    self.record_check(item)
         if candles:
             await self.store(candles)
         if dead:
             await self.dead_letter(dead)
         if out:
-            await self.rt.producer.publish(out)
+            await self.flush()
+            self._publishing = asyncio.create_task(self.rt.producer.publish(out))
+
+    async def flush(self) -> None:
+        """Wait for the batch being published (raises what its publish raised)."""
+        task, self._publishing = self._publishing, None
+        if task is not None:
+            await task
+
+    def _candle_stream(self, symbol: str) -> str:
+        name = self._candle_streams.get(symbol)
+        if name is None:
+            name = self._candle_streams[symbol] = stream(Kind.CANDLES, symbol)
+        return name
+
+    @staticmethod
+    def record_check(check: CandleCheck) -> None:
+        result = CHECK_AGREE if check.agrees else CHECK_DIFFER
+        CANDLE_CHECKS.labels(SERVICE.value, check.symbol, result).inc()
+        if not check.agrees:
+            log.warning(
+                "%s %s %d: the kline differs from the candle built from its trades: %s",
+                check.symbol,
+                check.interval,
+                check.open_time,
+                "; ".join(check.differences),
+            )
+
+    async def fetch_klines(
+        self, symbol: str, interval: str, start_ms: int, end_ms: int | None
+    ) -> list[Candle]:
+        """Paged REST klines inside the weight budget (429/418 respected)."""
+        try:
+            return await bm.fetch_klines(
+                self.session,
+                self.settings.venue_rest_url,
+                symbol,
+                interval,
+                start_ms,
+                end_ms,
+                limiter=self.limiter,
+                max_retry_after_s=self.settings.rest_max_wait_s,
+            )
+        finally:
+            REST_WEIGHT.labels(SERVICE.value).set(self.limiter.used)
 
     async def fill_gap(self, gap: Gap) -> list[Candle]:
-        fetched = await bm.fetch_klines(
-            self.session,
-            self.settings.venue_rest_url,
-            gap.symbol,
-            gap.interval,
-            gap.first_open_time,
-            gap.last_open_time,
+        fetched = await self.fetch_klines(
+            gap.symbol, gap.interval, gap.first_open_time, gap.last_open_time
         )
         filled = self.engine.fill_gap(gap, fetched)
+        # the gap is closed (a newer candle revealed it): whatever REST lacks is a halt
+        await self.record_halts(
+            find_halts(gap.symbol, gap.interval, gap.first_open_time, gap.last_open_time, filled)
+        )
         metrics.GAPS.labels(SERVICE.value, gap.symbol).inc()
         metrics.GAP_CANDLES.labels(SERVICE.value, gap.symbol).inc(len(filled))
         log.warning(
@@ -349,6 +467,28 @@ class Ingestor:
                 [candle_record(c) for c in candles],
                 key=CANDLE_KEY,
             )
+
+    async def record_halts(self, halts: Sequence[Halt]) -> None:
+        """Exchange halts: one row each (idempotent), a metric, a log line."""
+        if not halts:
+            return
+        await self.pool.executemany(
+            f"INSERT INTO {HALTS_TABLE} (symbol, interval, first_open_time, last_open_time,"
+            " candles) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            [(h.symbol, h.interval, h.first_open_time, h.last_open_time, h.candles) for h in halts],
+        )
+        for h in halts:
+            HALTS.labels(SERVICE.value, h.symbol).inc()
+            HALT_CANDLES.labels(SERVICE.value, h.symbol).inc(h.candles)
+            log.warning(
+                "exchange halt in %s %s: no candles from %d to %d (%d interval(s)); recorded",
+                h.symbol,
+                h.interval,
+                h.first_open_time,
+                h.last_open_time,
+                h.candles,
+            )
+        self.halts.extend(halts)
 
     async def stored_watermark(self, symbol: str, interval: str) -> int | None:
         value = await self.pool.fetchval(
@@ -457,21 +597,31 @@ class Ingestor:
                             "republishing %d stored %s %s candle(s)", len(out), symbol, interval
                         )
                 if venue_now is None:
-                    venue_now = await bm.fetch_server_time(self.session, s.venue_rest_url)
+                    venue_now = await bm.fetch_server_time(
+                        self.session, s.venue_rest_url, limiter=self.limiter
+                    )
                 if stored is None:
                     fetched = await bm.fetch_latest_klines(
-                        self.session, s.venue_rest_url, symbol, interval, s.backfill_candles
-                    )
-                else:
-                    fetched = await bm.fetch_klines(
                         self.session,
                         s.venue_rest_url,
                         symbol,
                         interval,
-                        stored + bm.interval_ms(interval),
-                        None,
+                        s.backfill_candles,
+                        limiter=self.limiter,
+                    )
+                else:
+                    fetched = await self.fetch_klines(
+                        symbol, interval, stored + bm.interval_ms(interval), None
                     )
                 closed = [c for c in fetched if c.close_time < venue_now]
+                if closed:
+                    # holes between the watermark and the newest closed candle are halts
+                    first = (
+                        closed[0].open_time if stored is None else stored + bm.interval_ms(interval)
+                    )
+                    await self.record_halts(
+                        find_halts(symbol, interval, first, closed[-1].open_time, closed)
+                    )
                 new = self.engine.on_backfill(closed)
                 if new:
                     await self.store(new)
@@ -488,6 +638,7 @@ class Ingestor:
                     )
                 out.extend(new)
                 if out:
+                    await self.flush()
                     await self.rt.producer.publish((stream(Kind.CANDLES, c.symbol), c) for c in out)
 
 

@@ -191,8 +191,7 @@ def classify_http_error(
 # Decimal fields are declared ``str`` so a JSON number is rejected, not silently rounded.
 
 
-class _TradeData(msgspec.Struct):
-    e: str
+class _TradeData(msgspec.Struct, tag_field="e", tag=EVENT_TRADE):
     E: int
     s: str
     t: int
@@ -202,8 +201,7 @@ class _TradeData(msgspec.Struct):
     m: bool
 
 
-class _AggTradeData(msgspec.Struct):
-    e: str
+class _AggTradeData(msgspec.Struct, tag_field="e", tag=EVENT_AGG_TRADE):
     E: int
     s: str
     a: int
@@ -211,6 +209,8 @@ class _AggTradeData(msgspec.Struct):
     q: str
     T: int
     m: bool
+    f: int = -1
+    l: int = -1  # noqa: E741 - Binance's field name
 
 
 class _KlineBody(msgspec.Struct):
@@ -228,23 +228,35 @@ class _KlineBody(msgspec.Struct):
     q: str = "0"
 
 
-class _KlineData(msgspec.Struct):
-    e: str
+class _KlineData(msgspec.Struct, tag_field="e", tag=EVENT_KLINE):
     E: int
     s: str
     k: _KlineBody
 
 
+class _Envelope(msgspec.Struct):
+    """The combined-stream envelope of the three events we use: the typed fast path."""
+
+    stream: str
+    data: _TradeData | _AggTradeData | _KlineData
+
+
 @dataclass(frozen=True, slots=True)
 class ParsedFrame:
-    """One parsed frame: its stream, its event type and the message (or ``None``)."""
+    """One parsed frame: its stream, its event type and the message (or ``None``).
+
+    ``trades`` is how many exchange trades a tick stands for: 1 for a ``trade``,
+    ``l - f + 1`` for an ``aggTrade`` (what a kline's trade count ``n`` adds up).
+    """
 
     stream: str
     event: str
     message: Tick | Candle | None
+    trades: int = 1
 
 
 _json_decoder: Final = msgspec.json.Decoder()
+_envelope_decoder: Final = msgspec.json.Decoder(_Envelope)
 
 
 def _dec(value: str, name: str, raw: object, stream: str) -> Decimal:
@@ -262,13 +274,14 @@ def _side(buyer_is_maker: bool) -> Side:
 
 
 def tick_id(symbol: str, trade_id: int) -> str:
-    """The id of the tick for one trade."""
-    return deterministic_id("tick", symbol.upper(), trade_id)
+    """The id of the tick for one trade (``deterministic_id("tick", SYMBOL, id)``, inlined:
+    this is the hot path)."""
+    return f"tick:{symbol.upper()}:{trade_id}"
 
 
 def agg_tick_id(symbol: str, agg_id: int) -> str:
-    """The id of the tick for one aggregate trade."""
-    return deterministic_id("aggtick", symbol.upper(), agg_id)
+    """The id of the tick for one aggregate trade (inlined ``deterministic_id``)."""
+    return f"aggtick:{symbol.upper()}:{agg_id}"
 
 
 def candle_id(symbol: str, interval: str, open_time: int) -> str:
@@ -300,7 +313,38 @@ def parse_frame(raw: bytes | str, *, ts_init: int | None = None) -> ParsedFrame:
     Raises :class:`MalformedFrame` when the frame cannot be read; returns a
     :class:`ParsedFrame` whose ``message`` is ``None`` for frames that carry nothing
     we publish (a still-forming kline, a control response, other event types).
+
+    A well-formed trade/aggTrade/kline envelope is decoded straight into typed structs
+    (one pass, no intermediate dict); anything else takes the general path, which
+    classifies it or says exactly why it is malformed.
     """
+    try:
+        env = _envelope_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _parse_general(raw, ts_init)
+    return _parsed(env.data, raw, env.stream, ts_init)
+
+
+def _parsed(
+    data: _TradeData | _AggTradeData | _KlineData, raw: object, stream: str, ts_init: int | None
+) -> ParsedFrame:
+    if isinstance(data, _TradeData):
+        return ParsedFrame(stream, EVENT_TRADE, _trade(data, raw, stream, ts_init))
+    if isinstance(data, _AggTradeData):
+        return ParsedFrame(
+            stream, EVENT_AGG_TRADE, _agg_trade(data, raw, stream, ts_init), _agg_count(data)
+        )
+    return ParsedFrame(stream, EVENT_KLINE, _kline(data, raw, stream, ts_init))
+
+
+_EVENT_TYPES: Final[Mapping[str, type[_TradeData | _AggTradeData | _KlineData]]] = {
+    EVENT_TRADE: _TradeData,
+    EVENT_AGG_TRADE: _AggTradeData,
+    EVENT_KLINE: _KlineData,
+}
+
+
+def _parse_general(raw: bytes | str, ts_init: int | None) -> ParsedFrame:
     try:
         obj = _json_decoder.decode(raw)
     except msgspec.DecodeError as exc:
@@ -313,24 +357,18 @@ def parse_frame(raw: bytes | str, *, ts_init: int | None = None) -> ParsedFrame:
         return ParsedFrame(stream, "", None)  # e.g. bookTicker: a payload without an event
     if not isinstance(event, str):
         raise MalformedFrame("event: 'e' is not a string", raw, stream)
+    kind = _EVENT_TYPES.get(event)
+    if kind is None:
+        return ParsedFrame(stream, event, None)
     try:
-        if event == EVENT_TRADE:
-            return ParsedFrame(
-                stream, event, _trade(msgspec.convert(data, _TradeData), raw, stream, ts_init)
-            )
-        if event == EVENT_AGG_TRADE:
-            return ParsedFrame(
-                stream,
-                event,
-                _agg_trade(msgspec.convert(data, _AggTradeData), raw, stream, ts_init),
-            )
-        if event == EVENT_KLINE:
-            return ParsedFrame(
-                stream, event, _kline(msgspec.convert(data, _KlineData), raw, stream, ts_init)
-            )
+        typed = msgspec.convert(data, kind)
     except msgspec.ValidationError as exc:
         raise MalformedFrame(f"{event}: {exc}", raw, stream) from None
-    return ParsedFrame(stream, event, None)
+    return _parsed(typed, raw, stream, ts_init)
+
+
+def _agg_count(d: _AggTradeData) -> int:
+    return d.l - d.f + 1 if 0 <= d.f <= d.l else 1
 
 
 def _trade(d: _TradeData, raw: object, stream: str, ts_init: int | None) -> Tick:
@@ -483,6 +521,154 @@ async def _error_from(resp: aiohttp.ClientResponse) -> BinanceHTTPError:
 
 RETRYABLE_STATUSES: Final = frozenset({418, 429, 503})
 
+# -- request-weight budget --------------------------------------------------------------------
+
+USED_WEIGHT_HEADER: Final = "X-MBX-USED-WEIGHT-1M"
+#: Binance's default spot REQUEST_WEIGHT limit per minute.
+DEFAULT_WEIGHT_LIMIT: Final = 6000
+KLINES_WEIGHT: Final = 2
+TIME_WEIGHT: Final = 1
+#: A 429 without ``Retry-After`` waits for the next weight window.
+DEFAULT_BACKOFF_S: Final = 60.0
+
+
+class RestLimiter:
+    """Keeps REST requests inside Binance's request-weight budget; honours 429 and 418.
+
+    * The used weight of the current window is read from every answer's
+      ``X-MBX-USED-WEIGHT-1M`` header (the venue's count, which includes other clients
+      on the same IP) and counted locally between answers.
+    * Before a request that would take the window above ``fraction * limit`` the caller
+      waits for the next window (windows are ``window_s`` long, aligned to the clock:
+      Binance counts per calendar minute).
+    * A 429 blocks every request until its ``Retry-After`` (or the next window); a 418
+      (IP ban) blocks every request until its ``Retry-After``. Nothing is sent meanwhile.
+
+    One limiter is shared by every REST call of a process. ``clock`` is a wall clock in
+    seconds (injectable so the window arithmetic can be tested).
+    """
+
+    def __init__(
+        self,
+        limit: int = DEFAULT_WEIGHT_LIMIT,
+        *,
+        fraction: float = 0.8,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if limit <= 0 or not 0 < fraction <= 1 or window_s <= 0:
+            raise ValueError("RestLimiter: limit > 0, 0 < fraction <= 1, window_s > 0")
+        self.limit = limit
+        self.fraction = fraction
+        self.window_s = window_s
+        self.clock = clock
+        self.used = 0
+        self.window = self._window(clock())
+        self.blocked_until = 0.0
+        self.banned_until = 0.0
+        self.waits = 0
+        self.waited_s = 0.0
+        self.max_used = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def budget(self) -> int:
+        return int(self.limit * self.fraction)
+
+    def _window(self, now: float) -> int:
+        return int(now // self.window_s)
+
+    def _roll(self, now: float) -> None:
+        w = self._window(now)
+        if w != self.window:
+            self.window = w
+            self.used = 0
+
+    def delay(self, weight: int) -> float:
+        """Seconds to wait before a request of ``weight`` may be sent (0 = now)."""
+        now = self.clock()
+        self._roll(now)
+        until = max(self.blocked_until, self.banned_until)
+        if until > now:
+            return until - now
+        if self.used + weight > self.budget and self.used > 0:
+            return (self.window + 1) * self.window_s - now + 0.001
+        return 0.0
+
+    async def acquire(self, weight: int) -> None:
+        """Wait until ``weight`` fits the budget and no 429/418 block is active; count it."""
+        async with self._lock:
+            while (wait := self.delay(weight)) > 0:
+                self.waits += 1
+                self.waited_s += wait
+                await asyncio.sleep(wait)
+            self.used += weight
+            self.max_used = max(self.max_used, self.used)
+
+    def observe(self, headers: Mapping[str, str]) -> None:
+        """Take the venue's count of the window from an answer's headers."""
+        raw = headers.get(USED_WEIGHT_HEADER)
+        if raw is None:
+            return
+        try:
+            used = int(raw)
+        except ValueError:
+            return
+        self._roll(self.clock())
+        self.used = used
+        self.max_used = max(self.max_used, used)
+
+    def rate_limited(self, retry_after_s: float | None) -> None:
+        """A 429: nothing is sent until ``Retry-After`` (default: the next window)."""
+        now = self.clock()
+        wait = (
+            retry_after_s
+            if retry_after_s is not None
+            else ((self._window(now) + 1) * self.window_s - now)
+        )
+        self.blocked_until = max(self.blocked_until, now + wait)
+
+    def banned(self, retry_after_s: float | None) -> None:
+        """A 418: nothing is sent until ``Retry-After`` (default: ``DEFAULT_BACKOFF_S``)."""
+        now = self.clock()
+        wait = retry_after_s if retry_after_s is not None else DEFAULT_BACKOFF_S
+        self.banned_until = max(self.banned_until, now + wait)
+
+
+async def limited_get(
+    session: aiohttp.ClientSession,
+    url: str,
+    params: Mapping[str, str],
+    limiter: RestLimiter,
+    weight: int,
+    *,
+    max_wait_s: float = 300.0,
+    retries: int = 5,
+) -> bytes:
+    """GET inside ``limiter``'s budget. 429/418 block the limiter for their ``Retry-After``
+    and the request is retried after it (at most ``retries`` times, each wait at most
+    ``max_wait_s``); a longer ban raises :class:`IpBanned` and keeps the limiter blocked,
+    so no request is sent before the ban ends. 503 is retried the same way."""
+    attempt = 0
+    while True:
+        await limiter.acquire(weight)
+        async with session.get(url, params=params) as resp:
+            limiter.observe(resp.headers)
+            if resp.status == 200:
+                return await resp.read()
+            error = await _error_from(resp)
+        if isinstance(error, IpBanned):
+            limiter.banned(error.retry_after_s)
+        elif isinstance(error, RateLimited):
+            limiter.rate_limited(error.retry_after_s)
+        elif resp.status == 503:
+            limiter.rate_limited(error.retry_after_s if error.retry_after_s is not None else 1.0)
+        else:
+            raise error
+        if attempt >= retries or limiter.delay(weight) > max_wait_s:
+            raise error
+        attempt += 1
+
 
 async def fetch_klines(
     session: aiohttp.ClientSession,
@@ -496,6 +682,7 @@ async def fetch_klines(
     ts_init: int | None = None,
     max_retry_after_s: float = 60.0,
     retries: int = 3,
+    limiter: RestLimiter | None = None,
 ) -> list[Candle]:
     """Every kline with ``start_ms <= open_time <= end_ms`` (``end_ms`` None: up to the
     newest the venue serves), fetched page by page of ``limit`` rows, in order.
@@ -503,8 +690,10 @@ async def fetch_klines(
     Non-200 answers raise a :class:`BinanceHTTPError` subclass. When a 418/429/503 carries
     ``Retry-After`` (at most ``max_retry_after_s``), the request waits that long and is
     retried, up to ``retries`` times. ``ts_init`` defaults to the wall clock at receipt.
+    With a ``limiter`` every page goes through :func:`limited_get` (weight budget, 429 and
+    418 blocks shared with every other request of the process).
     """
-    interval_ms(interval)  # fail fast on an unknown interval
+    step = interval_ms(interval)  # fails fast on an unknown interval
     limit = max(1, min(limit, KLINES_MAX_LIMIT))
     url = f"{base_url.rstrip('/')}{KLINES_PATH}"
     out: list[Candle] = []
@@ -518,7 +707,12 @@ async def fetch_klines(
         }
         if end_ms is not None:
             params["endTime"] = str(end_ms)
-        body = await _get_with_retry_after(session, url, params, max_retry_after_s, retries)
+        if limiter is not None:
+            body = await limited_get(
+                session, url, params, limiter, KLINES_WEIGHT, max_wait_s=max_retry_after_s
+            )
+        else:
+            body = await _get_with_retry_after(session, url, params, max_retry_after_s, retries)
         page = parse_klines(
             body, symbol, interval, ts_init=time.time_ns() if ts_init is None else ts_init
         )
@@ -528,7 +722,7 @@ async def fetch_klines(
         out.extend(page)
         if not page or len(page) < limit:
             break
-        cursor = page[-1].open_time + 1
+        cursor = page[-1].open_time + step  # the next open time: no empty last page
     return out
 
 
@@ -561,9 +755,15 @@ async def _get_with_retry_after(
 TIME_PATH: Final = "/api/v3/time"
 
 
-async def fetch_server_time(session: aiohttp.ClientSession, base_url: str) -> int:
+async def fetch_server_time(
+    session: aiohttp.ClientSession, base_url: str, *, limiter: RestLimiter | None = None
+) -> int:
     """The venue's clock (``GET /api/v3/time``), in ms."""
-    body = await _get_with_retry_after(session, f"{base_url.rstrip('/')}{TIME_PATH}", {}, 60.0, 3)
+    url = f"{base_url.rstrip('/')}{TIME_PATH}"
+    if limiter is not None:
+        body = await limited_get(session, url, {}, limiter, TIME_WEIGHT)
+    else:
+        body = await _get_with_retry_after(session, url, {}, 60.0, 3)
     try:
         obj = _json_decoder.decode(body)
     except msgspec.DecodeError as exc:
@@ -582,6 +782,7 @@ async def fetch_latest_klines(
     count: int,
     *,
     ts_init: int | None = None,
+    limiter: RestLimiter | None = None,
 ) -> list[Candle]:
     """The newest ``count`` klines the venue serves, oldest first (pages backwards by 1000).
 
@@ -598,7 +799,10 @@ async def fetch_latest_klines(
         params = {"symbol": symbol.upper(), "interval": interval, "limit": str(limit)}
         if end is not None:
             params["endTime"] = str(end)
-        body = await _get_with_retry_after(session, url, params, 60.0, 3)
+        if limiter is not None:
+            body = await limited_get(session, url, params, limiter, KLINES_WEIGHT)
+        else:
+            body = await _get_with_retry_after(session, url, params, 60.0, 3)
         page = parse_klines(
             body, symbol, interval, ts_init=time.time_ns() if ts_init is None else ts_init
         )
