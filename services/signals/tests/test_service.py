@@ -21,7 +21,6 @@ from gridstream.common.bus import Consumer, Producer
 from gridstream.common.messages import Candle, Signal
 from gridstream.common.settings import SettingsError, load_settings
 from gridstream.common.streams import Kind, Service, consumer, group, stream
-from gridstream.signals.engine import SignalEngine
 from gridstream.signals.main import SignalsService, SignalsSettings, amain
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "klines"
@@ -64,6 +63,7 @@ def real_candles(n: int = 300) -> tuple[Candle, ...]:
 
 
 def settings_for(redis_url: str, database_url: str) -> SignalsSettings:
+    """Small windows (warm after 14 candles) and 5m signals built from the 1m candles."""
     return SignalsSettings(
         redis_url=redis_url,
         database_url=database_url,
@@ -71,12 +71,38 @@ def settings_for(redis_url: str, database_url: str) -> SignalsSettings:
         block_ms=20,
         metrics_port=0,
         claim_interval_s=3600,
+        higher_intervals=["5m"],
+        sma_period=5,
+        ema_period=5,
+        rsi_period=4,
+        atr_period=4,
+        bb_period=5,
+        adx_period=4,
+        donchian_period=5,
+        vol_window=5,
+        vwap_window=5,
+        trend_lookback=2,
+        regime_window=10,
+        min_dwell=2,
+        # the whole stored history: values equal a run over all of it (EMA/Wilder remember)
+        warmup_candles=1000,
     )
 
 
-def expected_signals(candles: tuple[Candle, ...]) -> dict[int, Signal]:
-    eng = SignalEngine(SignalsSettings().params())
-    return {s.open_time: s for c in candles for s in eng.on_candle(c)}
+Key = tuple[str, int]
+
+
+def expected_signals(candles: tuple[Candle, ...]) -> dict[Key, Signal]:
+    eng = settings_for("redis://x", "postgresql://x").engine()
+    return {(s.interval, s.open_time): s for c in candles for s in eng.on_candle(c)}
+
+
+def last_open(candles: tuple[Candle, ...]) -> int:
+    return candles[-1].open_time
+
+
+def keys(signals: list[Signal]) -> list[Key]:
+    return [(s.interval, s.open_time) for s in signals]
 
 
 @pytest.fixture
@@ -160,17 +186,29 @@ async def test_handler_turns_stream_candles_into_signals(
 
     got = await published_signals(redis)
     want = expected_signals(candles)
-    assert len(got) == 120 - service.engine.warmup + 1 == len(want)
-    assert got == [want[s.open_time] for s in got]
-    assert [s.open_time for s in got] == sorted(want)
+    one = [s for s in got if s.interval == "1m"]
+    five = [s for s in got if s.interval == "5m"]
+    assert len(one) == 120 - service.engine.warmup + 1
+    # the first bucket (12:05-12:09) has only its last minute and the last one is open:
+    # 23 whole 5m candles
+    whole = [
+        c
+        for c in candles
+        if c.open_time % 300_000 == 0 and c.open_time + 240_000 <= last_open(candles)
+    ]
+    assert len(whole) == 23
+    assert len(five) == 23 - service.engine.warmup + 1
+    assert len(got) == len(want)
+    assert got == [want[k] for k in keys(got)]
+    assert sorted(keys(got)) == sorted(want)
 
-    # A redelivered candle (e.g. re-read after a failed commit) gets the very same signal;
-    # an old one, already gone from the recent cache's window of interest, gets nothing new.
-    last = candles[-1]
-    out = await service.handle([])
-    assert out == []
-    again = service.on_candle(last)
-    assert again == [want[last.open_time]]
+    # A redelivered candle (e.g. re-read after a failed commit) gets the very same signals
+    # (the 1m one and the 5m one it completed); a candle that produced none gets none.
+    closing = next(c for c in candles if c.open_time == whole[-1].open_time + 240_000)
+    assert (await service.handle([])) == []
+    again = service.on_candle(closing)
+    assert again == [want[("1m", closing.open_time)], want[("5m", whole[-1].open_time)]]
+    assert service.on_candle(candles[-1]) == [want[("1m", candles[-1].open_time)]]
     assert service.on_candle(candles[0]) == []
 
 
@@ -186,9 +224,12 @@ async def test_warm_up_from_postgres_needs_no_fresh_warm_up(
 
     got = await published_signals(redis)
     want = expected_signals(candles)
-    assert [s.open_time for s in got] == [c.open_time for c in candles[200:]]
+    assert [s.open_time for s in got if s.interval == "1m"] == [c.open_time for c in candles[200:]]
+    assert [s.open_time for s in got if s.interval == "5m"] == sorted(
+        t for iv, t in want if iv == "5m" and t + 240_000 >= candles[200].open_time
+    )
     for s in got:
-        assert s == want[s.open_time]
+        assert s == want[(s.interval, s.open_time)]
 
 
 async def test_restart_resumes_after_the_last_published_signal(
@@ -211,9 +252,10 @@ async def test_restart_resumes_after_the_last_published_signal(
 
     got = await published_signals(redis)
     want = expected_signals(candles)
-    assert [s.open_time for s in got] == sorted(want)  # each candle's signal exactly once
+    assert sorted(keys(got)) == sorted(want)  # each candle's signals exactly once
+    assert len(keys(got)) == len(set(keys(got)))
     for s in got:
-        assert s == want[s.open_time]
+        assert s == want[(s.interval, s.open_time)]
 
 
 async def test_service_main_runs_end_to_end(
@@ -226,13 +268,16 @@ async def test_service_main_runs_end_to_end(
         await publish(redis, candles[70:])
         deadline = time.monotonic() + 20
         got: list[Signal] = []
-        while time.monotonic() < deadline and len(got) < 30:
+        while time.monotonic() < deadline and len(got) < 36:
             assert not task.done(), task
             await asyncio.sleep(0.05)
             got = await published_signals(redis)
         want = expected_signals(candles)
-        assert [s.open_time for s in got] == [c.open_time for c in candles[70:]]
-        assert all(s == want[s.open_time] for s in got)
+        assert [s.open_time for s in got if s.interval == "1m"] == [
+            c.open_time for c in candles[70:]
+        ]
+        assert len([s for s in got if s.interval == "5m"]) == 6
+        assert all(s == want[(s.interval, s.open_time)] for s in got)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -240,10 +285,21 @@ async def test_service_main_runs_end_to_end(
 
 
 def test_settings_from_env_and_invalid_values_named() -> None:
-    s = load_settings(SignalsSettings, {"GS_EMA_PERIOD": "30", "GS_TREND_THRESHOLD": "0.3"})
+    s = load_settings(
+        SignalsSettings,
+        {"GS_EMA_PERIOD": "30", "GS_ADX_ENTER": "30", "GS_HIGHER_INTERVALS": "15m,4h"},
+    )
     assert s.params().ema_period == 30
-    assert s.params().trend_threshold == 0.3
+    assert s.params().adx_enter == 30.0
+    assert s.engine().higher == ("15m", "4h")
+    # auto warm-up: enough 1m candles for 4h signals (a first partial bucket included)
+    assert s.warmup_rows() == (s.params().warmup + 1) * 240
+    assert load_settings(SignalsSettings, {"GS_HIGHER_INTERVALS": ""}).warmup_rows() == 259
     with pytest.raises(SettingsError, match="GS_EMA_PERIOD"):
         load_settings(SignalsSettings, {"GS_EMA_PERIOD": "0"})
+    with pytest.raises(SettingsError, match="GS_ADX_EXIT"):
+        load_settings(SignalsSettings, {"GS_ADX_EXIT": "40"})
+    with pytest.raises(SettingsError, match="GS_HIGHER_INTERVALS"):
+        load_settings(SignalsSettings, {"GS_HIGHER_INTERVALS": "7m"})
     with pytest.raises(SettingsError, match="GS_WARMUP_CANDLES"):
         load_settings(SignalsSettings, {"GS_WARMUP_CANDLES": "10"})

@@ -110,6 +110,9 @@ class Signal(Message, frozen=True, kw_only=True, tag=Tags.SIGNAL):
     volatility: float
     trend: float
     regime: Regime = "range"
+    #: Every indicator behind the signal and its regime, by name (e.g. ``adx``, ``rsi``,
+    #: ``bb_width_z``); see services/signals/README.md. Empty from older writers.
+    values: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class OrderIntent(Message, frozen=True, kw_only=True, tag=Tags.ORDER_INTENT):

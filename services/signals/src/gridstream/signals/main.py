@@ -1,9 +1,12 @@
 """Signals service wiring: candles -> :class:`SignalEngine` -> signals.
 
 Consumes ``stream(Kind.CANDLES, sym)`` for every configured symbol, publishes each signal to
-``stream(Kind.SIGNALS, sym)``. At start the engine is warmed up from the Postgres ``candles``
-table (the last ``GS_WARMUP_CANDLES`` per symbol) so a restart needs no fresh warm-up; warm-up
-candles produce no output.
+``stream(Kind.SIGNALS, sym)``: those of the base interval (``GS_INTERVAL``, 1m) and of the
+higher intervals built from it (``GS_HIGHER_INTERVALS``, 5m,15m,1h); readers pick theirs by
+``Signal.interval``. At start the engine is warmed up from the Postgres ``candles``
+table (the last ``GS_WARMUP_CANDLES`` base candles per symbol; 0, the default, reads what
+the slowest interval needs, e.g. 260 hours of 1m candles for 1h) so a restart needs no fresh
+warm-up; warm-up candles produce no output.
 
 Which candles count as already handled at start: those up to the open time of the newest
 signal already on the symbol's signal stream (their signals were published together with the
@@ -44,17 +47,32 @@ LAST_SIGNAL_SCAN = 50
 
 
 class SignalsSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Settings of the signals service (env ``GS_<FIELD>``)."""
+    """Settings of the signals service (env ``GS_<FIELD>``; see :class:`SignalParams`)."""
 
+    #: The interval of the candles consumed (the base of the higher intervals).
     interval: str = "1m"
+    #: Intervals built from base candles, each with its own signals (env: comma-separated).
+    higher_intervals: list[str] = msgspec.field(default_factory=lambda: ["5m", "15m", "1h"])
+    sma_period: int = 20
     ema_period: int = 20
+    rsi_period: int = 14
     atr_period: int = 14
+    bb_period: int = 20
+    bb_k: float = 2.0
+    adx_period: int = 14
+    donchian_period: int = 20
     vol_window: int = 60
+    vwap_window: int = 60
     trend_lookback: int = 5
-    trend_threshold: float = 0.25
-    high_vol_threshold: float = 0.003
+    regime_window: int = 240
+    adx_enter: float = 25.0
+    adx_exit: float = 20.0
+    vol_enter_z: float = 2.0
+    vol_exit_z: float = 1.0
+    min_dwell: int = 5
     min_warmup: int = 0
-    warmup_candles: int = 1000
+    #: Base candles read from Postgres per symbol at start (0: what every interval needs).
+    warmup_candles: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,21 +80,26 @@ class SignalsSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_
             params = self.params()
         except ValueError as exc:
             raise ValueError(f"GS_{str(exc).split(':', 1)[0].upper()}: {exc}") from None
-        if self.warmup_candles < params.warmup:
+        try:
+            engine = self.engine()
+        except ValueError as exc:
+            raise ValueError(f"GS_HIGHER_INTERVALS: {exc}") from None
+        if self.warmup_candles and self.warmup_candles < params.warmup:
             raise ValueError(
-                f"GS_WARMUP_CANDLES: must be >= the warm-up of {params.warmup} candles"
+                f"GS_WARMUP_CANDLES: must be 0 (auto: {engine.base_candles_needed()}) or"
+                f" >= the warm-up of {params.warmup} candles"
             )
 
     def params(self) -> SignalParams:
-        return SignalParams(
-            ema_period=self.ema_period,
-            atr_period=self.atr_period,
-            vol_window=self.vol_window,
-            trend_lookback=self.trend_lookback,
-            trend_threshold=self.trend_threshold,
-            high_vol_threshold=self.high_vol_threshold,
-            min_warmup=self.min_warmup,
-        )
+        names = SignalParams.__dataclass_fields__
+        return SignalParams(**{name: getattr(self, name) for name in names})
+
+    def engine(self) -> SignalEngine:
+        return SignalEngine(self.params(), base=self.interval, higher=tuple(self.higher_intervals))
+
+    def warmup_rows(self) -> int:
+        """Base candles read per symbol at start."""
+        return self.warmup_candles or self.engine().base_candles_needed()
 
 
 def candle_from_row(symbol: str, interval: str, row: Mapping[str, Any]) -> Candle:
@@ -119,8 +142,8 @@ class SignalsService:
 
     def __init__(self, settings: SignalsSettings) -> None:
         self.settings = settings
-        self.engine = SignalEngine(settings.params())
-        self._recent: OrderedDict[tuple[str, str, int], Signal] = OrderedDict()
+        self.engine = settings.engine()
+        self._recent: OrderedDict[tuple[str, str, int], list[Signal]] = OrderedDict()
 
     # -- warm-up ----------------------------------------------------------------------------
     async def handled_until(self, redis: aioredis.Redis, symbol: str) -> int | None:
@@ -149,7 +172,7 @@ class SignalsService:
                 symbol,
                 s.interval,
                 until if until is not None else 2**62,
-                s.warmup_candles,
+                s.warmup_rows(),
             )
             for row in rows:
                 self.engine.on_candle(candle_from_row(symbol, s.interval, row))
@@ -165,20 +188,20 @@ class SignalsService:
         return counts
 
     # -- handling -----------------------------------------------------------------------------
-    def _remember(self, sig: Signal) -> None:
-        self._recent[(sig.symbol, sig.interval, sig.open_time)] = sig
-        while len(self._recent) > RECENT_SIGNALS:
-            self._recent.popitem(last=False)
-
     def on_candle(self, candle: Candle) -> list[Signal]:
-        """The engine's answer, or the same signal again for a recently handled candle."""
+        """The engine's answer, or the same signals again for a recently handled candle.
+
+        One base candle may complete signals of several intervals (the 1m one and, at the
+        end of a bucket, the 5m/15m/1h ones); a redelivered candle gets them all again.
+        """
+        key = (candle.symbol, candle.interval, candle.open_time)
         out = self.engine.on_candle(candle)
         if out:
-            for sig in out:
-                self._remember(sig)
+            self._recent[key] = out
+            while len(self._recent) > RECENT_SIGNALS:
+                self._recent.popitem(last=False)
             return out
-        again = self._recent.get((candle.symbol, candle.interval, candle.open_time))
-        return [again] if again is not None else []
+        return list(self._recent.get(key, ()))
 
     async def handle(self, batch: Sequence[Delivery]) -> list[Outgoing]:
         out: list[Outgoing] = []

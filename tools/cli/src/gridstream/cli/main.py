@@ -15,7 +15,9 @@ import asyncpg
 from gridstream.common import db
 from gridstream.common.runtime import redis_client
 
+from . import history as history_mod
 from . import run as run_mod
+from . import signals_export
 from . import status as status_mod
 from . import tail as tail_mod
 from .common import database_url, ensure_database, redis_url
@@ -159,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("migrate", help="apply the Postgres migrations to DATABASE_URL")
     mg.set_defaults(fn=cmd_migrate)
+
+    history_mod.add_parsers(sub)
+    signals_export.add_parser(sub)
     return p
 
 
