@@ -37,8 +37,12 @@ fmt: ## format the code
 	$(UV) run ruff format .
 	$(UV) run ruff check --fix .
 
-bench: setup ## the benchmarks (figures go to bench/RESULTS.md by hand)
+bench: setup ## every benchmark; each prints its figure beside a same-run reference (see bench/RESULTS.md)
 	$(UV) run python bench/bus_throughput.py
+	$(UV) run python bench/ingest_ticks.py
+	$(UV) run python bench/candle_upsert.py
+	$(UV) run python bench/signals_batch.py
+	$(UV) run python bench/signals_incremental.py
 
 status: ## streams, groups, lag, pending, dead letters and service health
 	$(UV) run gridstream status
