@@ -70,11 +70,67 @@ def test_settings_are_frozen():
     assert isinstance(s, msgspec.Struct)
 
 
+LIVE_URLS = {
+    "GS_VENUE_REST_URL": "https://api.binance.com",
+    "GS_VENUE_WS_URL": "wss://stream.binance.com:9443",
+}
+
+
 def test_live_needs_an_explicit_confirmation():
     with pytest.raises(SettingsError, match="GS_MODE"):
-        load_settings(CommonSettings, {"GS_MODE": "live", "GS_VENUE": "binance"})
+        load_settings(CommonSettings, {"GS_MODE": "live", "GS_VENUE": "binance", **LIVE_URLS})
     s = load_settings(
         CommonSettings,
-        {"GS_MODE": "live", "GS_VENUE": "binance", "GS_LIVE_TRADING_CONFIRMED": "true"},
+        {
+            "GS_MODE": "live",
+            "GS_VENUE": "binance",
+            "GS_LIVE_TRADING_CONFIRMED": "true",
+            **LIVE_URLS,
+        },
     )
     assert s.mode == "live"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        # real-exchange URLs under the simulator label: refused, whatever the mode
+        ({"GS_VENUE_REST_URL": "https://api.binance.com"}, "GS_VENUE_REST_URL"),
+        (
+            {"GS_MODE": "paper", "GS_VENUE_WS_URL": "wss://stream.binance.com:9443"},
+            "GS_VENUE_WS_URL",
+        ),
+        ({"GS_VENUE_REST_URL": "https://testnet.binance.vision"}, "GS_VENUE_REST_URL"),
+        # a real venue label with local URLs: refused
+        ({"GS_MODE": "testnet", "GS_VENUE": "binance-testnet"}, "GS_VENUE_REST_URL"),
+        # the real exchange outside live/paper: refused
+        (
+            {
+                "GS_MODE": "replay",
+                "GS_VENUE": "binance",
+                "GS_VENUE_REST_URL": "https://api.binance.com",
+                "GS_VENUE_WS_URL": "wss://stream.binance.com:9443",
+            },
+            "GS_VENUE",
+        ),
+    ],
+)
+def test_venue_urls_must_match_the_venue_label(env, named):
+    with pytest.raises(SettingsError, match=named):
+        load_settings(CommonSettings, env)
+
+
+def test_matching_venue_and_urls_load():
+    s = load_settings(
+        CommonSettings,
+        {
+            "GS_MODE": "testnet",
+            "GS_VENUE": "binance-testnet",
+            "GS_VENUE_REST_URL": "https://testnet.binance.vision",
+            "GS_VENUE_WS_URL": "wss://stream.testnet.binance.vision",
+        },
+    )
+    assert s.venue == "binance-testnet"
+    assert load_settings(CommonSettings, {"GS_VENUE_REST_URL": "http://simulator:8900"}).venue == (
+        "simulator"
+    )

@@ -37,9 +37,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gridstream.common import codec, metrics
 from gridstream.common.messages import AnyMessage
@@ -195,6 +198,32 @@ class _Keys:
         return i
 
 
+class RetryLater(Exception):
+    """Raised by a handler when an entry cannot be handled *now* for a reason outside the
+    entry itself (a dependency is down, a venue rate limit, an outcome still unknown).
+
+    Such failures are retried with a growing back-off and never dead-lettered: only a
+    failure of the entry itself counts toward ``max_deliveries``.
+    """
+
+
+#: Exceptions that mean "a dependency failed", not "this entry is bad".
+TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    RetryLater,
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
+#: Longest pause between retries of a stream blocked by a transient failure.
+MAX_RETRY_BACKOFF_S: Final = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One decoded stream entry handed to a handler."""
@@ -273,6 +302,7 @@ class Consumer:
         maxlen: int = DEFAULT_MAXLEN,
         retry_backoff_s: float = 0.2,
         ack: AckMode = "auto",
+        transient: tuple[type[BaseException], ...] = (),
     ) -> None:
         if not streams:
             raise ValueError("a consumer needs at least one stream")
@@ -291,6 +321,11 @@ class Consumer:
         self.claim_interval_s = claim_interval_s
         self.maxlen = maxlen
         self.retry_backoff_s = retry_backoff_s
+        self.transient = TRANSIENT_ERRORS + tuple(transient)
+        # Streams blocked by a failure are probed one entry at a time (so only the failing
+        # head entry's delivery count grows) until an entry of theirs succeeds.
+        self._probe: set[str] = set()
+        self._backoff = retry_backoff_s
         self.manual = ack == "manual"
         self.dead_letter_stream = dead_letters(group)
         self._commit_script = CommitScript(redis)
@@ -424,9 +459,8 @@ class Consumer:
                 if not self._pending_cursor:
                     return out
                 ids: dict[Any, Any] = dict(self._pending_cursor)
-                reply = await self.redis.xreadgroup(
-                    self.group, self.consumer, ids, count=self.batch_size
-                )
+                count = 1 if self._probe else self.batch_size
+                reply = await self.redis.xreadgroup(self.group, self.consumer, ids, count=count)
             else:
                 ids = dict.fromkeys(self.streams, ">")
                 reply = await self.redis.xreadgroup(
@@ -561,10 +595,26 @@ class Consumer:
                 done = deliveries
             except asyncio.CancelledError:
                 raise
+            except self.transient as exc:
+                # A dependency failed: nothing in the batch is at fault. Keep it pending and
+                # probe each stream again after a growing pause.
+                log.warning(
+                    "batch of %d not handled (%s: %s); retrying in %.1fs",
+                    len(deliveries),
+                    type(exc).__name__,
+                    exc,
+                    self._backoff,
+                )
+                self._block({d.stream for d in deliveries})
+                await self._pause()
             except Exception:
                 log.warning("batch of %d failed; isolating entries", len(deliveries), exc_info=True)
                 outputs, done, failed_dead = await self._process_one_by_one(deliveries)
                 dead.extend(failed_dead)
+        if done:
+            self._probe.difference_update(d.stream for d in done)
+            if not self._probe:
+                self._backoff = self.retry_backoff_s
         if deliveries:
             metrics.HANDLER_LATENCY.labels(self.group).observe(time.perf_counter() - started)
         try:
@@ -605,6 +655,15 @@ class Consumer:
                 done.append(d)
             except asyncio.CancelledError:
                 raise
+            except self.transient as exc:
+                log.warning(
+                    "entry %s %s not handled (%s: %s); will retry",
+                    d.stream,
+                    _s(d.entry_id),
+                    type(exc).__name__,
+                    exc,
+                )
+                blocked.add(d.stream)
             except Exception as exc:
                 reason = f"handler: {type(exc).__name__}: {exc}"
                 if d.deliveries >= self.max_deliveries:
@@ -629,10 +688,21 @@ class Consumer:
                     )
                     blocked.add(d.stream)
         if blocked:
-            # Go back to our pending history for the blocked streams, after a short pause.
-            self._reread(blocked)
-            await asyncio.sleep(self.retry_backoff_s)
+            # Go back to our pending history for the blocked streams, after a pause.
+            self._block(blocked)
+            await self._pause()
         return outputs, done, dead
+
+    def _block(self, streams: set[str]) -> None:
+        """Re-read these streams from their pending history, one entry at a time."""
+        self._reread(streams)
+        self._probe.update(streams)
+
+    async def _pause(self) -> None:
+        delay = self._backoff
+        self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay)
 
     async def _commit(
         self,

@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -23,6 +24,25 @@ SECRET_FIELDS: Final = frozenset({"api_key", "api_secret", "database_url", "redi
 Mode = Literal["backtest", "replay", "paper", "testnet", "live"]
 
 T = TypeVar("T", bound=msgspec.Struct)
+
+
+#: Hosts of the real exchange (real money) and of its spot testnet.
+BINANCE_LIVE_HOST_SUFFIXES: Final = ("binance.com", "binance.us")
+BINANCE_TESTNET_HOST_SUFFIXES: Final = ("testnet.binance.vision",)
+
+
+def venue_of_host(url: str) -> str | None:
+    """Which real venue a URL points at: ``binance``, ``binance-testnet`` or None."""
+    host = (urlsplit(url).hostname or "").lower()
+
+    def under(suffixes: tuple[str, ...]) -> bool:
+        return any(host == sfx or host.endswith("." + sfx) for sfx in suffixes)
+
+    if under(BINANCE_TESTNET_HOST_SUFFIXES):
+        return "binance-testnet"
+    if under(BINANCE_LIVE_HOST_SUFFIXES):
+        return "binance"
+    return None
 
 
 class SettingsError(ValueError):
@@ -141,6 +161,21 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             )
         if self.mode == "live" and self.venue != "binance":
             raise ValueError("GS_VENUE: mode live trades only on venue 'binance'")
+        if self.venue == "binance" and self.mode not in ("live", "paper"):
+            raise ValueError(f"GS_VENUE: venue 'binance' is real money; mode {self.mode} forbids")
+        # The URLs must lead where the venue label says: a real-exchange URL under the
+        # label 'simulator' would send orders to real money without any of the guards.
+        for name in ("venue_rest_url", "venue_ws_url"):
+            url = getattr(self, name)
+            actual = venue_of_host(url)
+            if actual is not None and actual != self.venue:
+                raise ValueError(
+                    f"{env_name(name)}: {url} is venue '{actual}', but GS_VENUE is '{self.venue}'"
+                )
+            if actual is None and self.venue != "simulator":
+                raise ValueError(
+                    f"{env_name(name)}: {url} is not a {self.venue} host (GS_VENUE={self.venue})"
+                )
 
     def __repr__(self) -> str:
         parts = []

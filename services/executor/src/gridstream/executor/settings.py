@@ -34,6 +34,10 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
             )
         if self.venue == "binance" and self.mode != "live":
             raise ValueError("GS_VENUE: venue=binance (real money) needs mode=live")
+        if self.mode == "paper":
+            # Paper trading (live data, simulated fills) needs the paper venue, which does
+            # not exist yet: refuse rather than send orders anywhere.
+            raise ValueError("GS_MODE: the executor has no paper venue yet; use mode=replay")
         if not 0 < self.recv_window_ms <= 60_000:
             raise ValueError("GS_RECV_WINDOW_MS: must be within 1..60000")
         if self.request_timeout_s <= 0:
