@@ -214,10 +214,11 @@ def test_whole_pipeline_on_replayed_real_data(redis_url, database_url, tmp_path)
         codes = stack.stop()
         r.close()
 
-    rejections = {}
+    rejections: dict[str, int] = {}
     for line in (tmp_path / "risk.log").read_text().splitlines():
-        if "rejected" in line:
-            reason = line.split(": ", 2)[-1].split()[0]
+        msg = json.loads(line).get("msg", "") if line.startswith("{") else ""
+        if msg.startswith("rejected "):
+            reason = msg.split(": ", 1)[-1].split()[0]
             rejections[reason] = rejections.get(reason, 0) + 1
     print(
         f"\ne2e: {len(book['candles'])} window candles, {signals} signals,"

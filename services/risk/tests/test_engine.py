@@ -251,3 +251,97 @@ def test_restore_from_ledger_state() -> None:
     assert e.position("BTCUSDT") == D("0.002")
     # 140 held + 70 open + 70 = 280 > 250
     assert rejected_reason(e.on_intent(intent(qty="0.001"))) == "MAX_EXPOSURE"
+
+
+def accepted(coid: str, qty: str, price: str = "50000", side: Side = "BUY") -> OrderAccepted:
+    return OrderAccepted(
+        id=f"simulator:BTCUSDT:order:{coid}:NEW",
+        ts_event=1,
+        ts_init=1,
+        symbol="BTCUSDT",
+        client_order_id=coid,
+        venue_order_id=coid,
+        side=side,
+        price=D(price),
+        qty=D(qty),
+    )
+
+
+def test_accept_after_full_fill_does_not_reopen_the_order() -> None:
+    e = engine()  # limit 250
+    first = intent(price="50000", qty="0.002", coid="g1")  # 100
+    assert isinstance(e.on_intent(first), OrderApproved)
+    # the fill goes out through the executor's outbox at once ...
+    e.on_execution(fill("g1", "BUY", "0.002", price="50000", trade_id=21))
+    # ... the handler's accept is committed later with its batch (and may come again)
+    e.on_execution(accepted("g1", "0.002"))
+    e.on_execution(accepted("g1", "0.002"))
+    assert e.open_orders == {}
+    # held 100 + this 100 = 200 <= 250 (with the order re-opened: 300 > 250)
+    assert isinstance(e.on_intent(intent(price="50000", qty="0.002")), OrderApproved)
+
+
+def test_accept_after_cancel_or_failure_does_not_reopen() -> None:
+    e = engine()
+    e.on_intent(intent(price="50000", qty="0.002", coid="c1"))
+    e.on_intent(intent(price="50000", qty="0.002", coid="f1"))
+    e.on_execution(
+        OrderCanceled(
+            id="c",
+            ts_event=1,
+            ts_init=1,
+            symbol="BTCUSDT",
+            client_order_id="c1",
+            venue_order_id="1",
+        )
+    )
+    e.on_execution(
+        OrderFailed(
+            id="f",
+            ts_event=1,
+            ts_init=1,
+            symbol="BTCUSDT",
+            client_order_id="f1",
+            action="place",
+            code=-2010,
+            reason="x",
+        )
+    )
+    e.on_execution(accepted("c1", "0.002"))
+    e.on_execution(accepted("f1", "0.002"))
+    assert e.open_orders == {}
+    # a new intent reusing a done client order id is answered, not counted
+    assert isinstance(e.on_intent(intent(price="50000", qty="0.002", coid="c1")), OrderApproved)
+    assert e.open_orders == {}
+
+
+def test_accept_of_an_unknown_order_counts_what_is_left_after_its_fills() -> None:
+    e = engine()
+    e.on_execution(fill("u1", "BUY", "0.0015", price="50000", trade_id=31))
+    e.on_execution(accepted("u1", "0.002"))
+    assert e.open_orders["u1"].remaining == D("0.0005")
+    e.on_execution(fill("u2", "BUY", "0.002", price="50000", trade_id=32))
+    e.on_execution(accepted("u2", "0.002"))  # already fully filled: closed
+    assert "u2" not in e.open_orders
+
+
+def test_closed_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gridstream.risk import engine as risk_engine
+
+    monkeypatch.setattr(risk_engine, "CLOSED_MEMORY", 3)
+    e = engine()
+    for n in range(5):
+        coid = f"b{n}"
+        e.on_intent(intent(price="50000", qty="0.0002", coid=coid))
+        e.on_execution(fill(coid, "BUY", "0.0002", price="50000", trade_id=40 + n))
+    assert list(e.closed) == ["b2", "b3", "b4"]
+
+
+def test_restore_closed_orders_and_verdicts() -> None:
+    e = engine()
+    it = intent(price="50000", qty="0.002", coid="r1")
+    first = engine().on_intent(it)
+    e.restore({}, {}, closed=["done-1"], verdicts=[first])
+    e.on_execution(accepted("done-1", "0.002"))  # filled before the restart: stays closed
+    assert e.open_orders == {}
+    assert e.on_intent(it) == first  # the same verdict, not judged again

@@ -90,6 +90,12 @@ REST_WEIGHT_USED: Final = Gauge(
     ["service"],
     namespace=NAMESPACE,
 )
+MALFORMED_EVENTS: Final = Counter(
+    "malformed_events",
+    "Venue events that could not be parsed (their effect waits for reconciliation)",
+    ["service", "source"],
+    namespace=NAMESPACE,
+)
 ORDERS: Final = Counter(
     "orders",
     "Order requests sent to a venue",

@@ -17,9 +17,19 @@ Exactly-once rules, in order of the code below:
   outbox: they are the handler's outputs, committed with the acknowledgement, and a
   redelivered approval re-emits them (:meth:`Executor._outcome_of`).
 * Reconciliation (unpublished outbox rows, open orders, own trades since the last
-  known fill, then the outbox again) runs at start and after every user-stream
-  reconnect, while new orders wait. A failed publish is retried every
-  ``outbox_retry_s`` (:meth:`Executor.outbox_loop`).
+  known fill *and* every trade of each order whose fills the ledger may lack, then the
+  outbox again) runs at start, after every user-stream reconnect and after a malformed
+  stream event, while new orders wait. A fill lost on the stream is found again
+  whatever fills came after it. A failed publish is retried every ``outbox_retry_s``
+  (:meth:`Executor.outbox_loop`).
+* Crash-only: a ledger (Postgres) error while recording a stream event ends
+  :meth:`Executor.follow_events`; the wiring then stops the process with a non-zero
+  exit and the restart reconciles before it trades. A frame that does not parse is
+  logged with its raw text, counted, and followed by a reconciliation.
+* Handler errors that say "not now" (rate limit, venue unreachable, outcome still
+  unknown, stopping) are :class:`~gridstream.common.bus.RetryLater`: the bus retries
+  them with back-off and never dead-letters the approval. A definite venue refusal is
+  an outcome (``OrderFailed``), not an exception.
 * A crash after a publish and before its mark publishes the row again: the same message
   id and trade id, which risk and strategy drop as already seen.
 """
@@ -40,7 +50,7 @@ from redis.exceptions import RedisError
 
 from gridstream.common import codec, metrics
 from gridstream.common.binance import trading as bt
-from gridstream.common.bus import Delivery, Outgoing, Producer
+from gridstream.common.bus import Delivery, Outgoing, Producer, RetryLater
 from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import (
     AnyMessage,
@@ -51,7 +61,7 @@ from gridstream.common.messages import (
     OrderFilled,
 )
 from gridstream.common.streams import Kind, stream
-from gridstream.executor.venue import StreamConnected, StreamDisconnected, Venue
+from gridstream.executor.venue import MalformedEvent, StreamConnected, StreamDisconnected, Venue
 
 log = logging.getLogger("gridstream.executor")
 
@@ -61,13 +71,20 @@ OUTBOX_PAGE = 500
 TERMINAL = (LedgerStatus.FILLED, LedgerStatus.CANCELED, LedgerStatus.FAILED)
 UNRESOLVED = (LedgerStatus.PENDING, LedgerStatus.UNKNOWN)
 
+#: Stream frames that could not be parsed (their event may be lost until reconciled).
+MALFORMED_EVENTS = metrics.MALFORMED_EVENTS
 
-class OutcomeStillUnknown(RuntimeError):
+
+class OutcomeStillUnknown(RetryLater):
     """The venue could not tell whether a request happened; the delivery is retried later."""
 
 
-class Stopping(RuntimeError):
-    """The service is stopping before the venue was reconciled; nothing was sent."""
+class Stopping(RetryLater):
+    """The service is stopping, or lost the venue's events, before a request; nothing sent."""
+
+
+class VenueBusy(RetryLater):
+    """The venue asked us to slow down (rate limit) or could not be reached; retry later."""
 
 
 def _out(msg: AnyMessage, symbol: str) -> Outgoing:
@@ -89,6 +106,7 @@ class Executor:
         unknown_outcome_wait_s: float = 0.5,
         reconnect_delay_s: float = 1.0,
         outbox_retry_s: float = 1.0,
+        malformed_reconcile_s: float = 5.0,
         stop_event: asyncio.Event | None = None,
     ) -> None:
         self.venue = venue
@@ -100,6 +118,8 @@ class Executor:
         self.unknown_outcome_wait_s = unknown_outcome_wait_s
         self.reconnect_delay_s = reconnect_delay_s
         self.outbox_retry_s = outbox_retry_s
+        #: Least time between two reconciliations asked for by malformed stream events.
+        self.malformed_reconcile_s = malformed_reconcile_s
         self.stop_event = stop_event or asyncio.Event()
         self.lock = asyncio.Lock()
         self.reconciled = asyncio.Event()
@@ -107,6 +127,10 @@ class Executor:
         self._outbox_lock = asyncio.Lock()
         #: True while outbox rows may wait for a publish that failed.
         self.outbox_dirty = True
+        #: A malformed stream event asked for a reconciliation not yet run.
+        self.reconcile_wanted = False
+        self.malformed_events = 0
+        self._last_reconcile = float("-inf")
 
     @property
     def name(self) -> str:
@@ -123,10 +147,23 @@ class Executor:
                 msg = d.message
                 if not isinstance(msg, OrderApproved):
                     continue  # OrderRejected: nothing to do
-                if msg.action == "place":
-                    out.extend(await self.place(msg))
-                else:
-                    out.extend(await self.cancel(msg))
+                if not self.reconciled.is_set():
+                    # the user stream dropped or died while this batch was in hand
+                    raise Stopping("venue events not followed; not sending")
+                try:
+                    if msg.action == "place":
+                        out.extend(await self.place(msg))
+                    else:
+                        out.extend(await self.cancel(msg))
+                except bt.RateLimitedError as exc:
+                    raise VenueBusy(f"rate limited: {exc}") from exc
+                except bt.UnknownOutcome as exc:
+                    raise OutcomeStillUnknown(f"{msg.client_order_id}: {exc}") from exc
+                except (bt.RejectedError, bt.UnknownOrderError, bt.AuthError):
+                    raise  # a refusal that escaped a lookup: a fault of this entry
+                except bt.DefiniteError as exc:
+                    # not reachable (code 0) or clock out of sync: nothing was done
+                    raise VenueBusy(f"venue unavailable: {exc}") from exc
         return out
 
     async def _wait_reconciled(self) -> None:
@@ -282,6 +319,10 @@ class Executor:
         order = self._venue_order_from_row(row)
         if status == LedgerStatus.CANCELED:
             return [_out(bt.order_canceled(order, venue=self.name, ts_init=now), symbol)]
+        if status == LedgerStatus.FILLED:
+            # Its fills went (or go) out through the outbox; an OrderAccepted now would
+            # re-open a closed order downstream.
+            return []
         return [_out(bt.order_accepted(order, venue=self.name, ts_init=now), symbol)]
 
     @staticmethod
@@ -326,6 +367,23 @@ class Executor:
             # -2011: the venue no longer has it open; learn what became of it.
             order = await self._lookup(msg.symbol, msg.client_order_id)
             if order is None:
+                if row["status"] in UNRESOLVED:
+                    # Never seen by the venue, or not yet: it is not canceled. The order
+                    # stays unresolved; reconciliation looks it up again.
+                    log.warning(
+                        "cancel of %s: the venue does not know the order (%s); left %s",
+                        msg.client_order_id,
+                        row["status"],
+                        row["status"],
+                    )
+                    return await self._record_failed(
+                        msg.symbol,
+                        msg.client_order_id,
+                        "cancel",
+                        bt.UnknownOrderError(
+                            bt.CODE_CANCEL_REJECTED, "order unknown to the venue; unresolved"
+                        ),
+                    )
                 gone = self._venue_order_from_row(row)
                 return await self._record_canceled(gone)
         except bt.RateLimitedError as exc:
@@ -547,15 +605,34 @@ class Executor:
         return await self._apply_failed(ev)
 
     async def follow_events(self) -> None:
-        """Consume the venue's event stream forever; reconcile on every (re)connect."""
+        """Consume the venue's event stream forever; reconcile on every (re)connect.
+
+        A ledger error while recording an event ends this task (crash-only: the wiring
+        stops the process and the restart reconciles). A frame that does not parse is
+        logged and counted, and a reconciliation is asked for.
+        """
         async for ev in self.venue.events():
             if isinstance(ev, StreamConnected):
                 await self._reconcile_until_done()
             elif isinstance(ev, StreamDisconnected):
                 self.reconciled.clear()
                 log.warning("user stream lost; new orders wait for reconciliation")
+            elif isinstance(ev, MalformedEvent):
+                self.malformed_events += 1
+                MALFORMED_EVENTS.labels(self.service, "user_stream").inc()
+                log.error("malformed venue event (%s); reconciling. raw: %s", ev.error, ev.raw)
+                self.reconcile_wanted = True
+                await self._maybe_reconcile()
             elif await self.on_event(ev):
                 await self.try_flush_outbox()
+
+    async def _maybe_reconcile(self) -> None:
+        """Reconcile if asked for and the last one is old enough (else the loop does it)."""
+        if not self.reconcile_wanted or not self.reconciled.is_set():
+            return  # a reconnect's reconciliation is due anyway
+        if time.monotonic() - self._last_reconcile < self.malformed_reconcile_s:
+            return
+        await self._reconcile_until_done()
 
     # =========================================================================== outbox
     async def flush_outbox(self) -> int:
@@ -615,6 +692,7 @@ class Executor:
                 await asyncio.wait_for(self.stop_event.wait(), self.outbox_retry_s)
             if self.outbox_dirty and self.reconciled.is_set():
                 await self.try_flush_outbox()
+            await self._maybe_reconcile()
 
     async def _reconcile_until_done(self) -> None:
         while not self.stop_event.is_set():
@@ -642,33 +720,30 @@ class Executor:
                 await self._reconcile_symbol(symbol)
             published += await self.flush_outbox()
             self.reconciliations += 1
+            self._last_reconcile = time.monotonic()
+            self.reconcile_wanted = False
             self.reconciled.set()
             log.info("reconciled with %s: %d change(s)", self.name, published)
             return published
 
     async def _reconcile_symbol(self, symbol: str) -> None:
-        """Write what the venue knows and the ledger lacks; messages go to the outbox."""
-        async with self.pool.acquire() as conn:
-            last = await conn.fetchval(
-                "SELECT MAX(trade_id::numeric) FROM fills WHERE venue = $1 AND symbol = $2"
-                " AND trade_id ~ '^[0-9]+$'",
-                self.name,
-                symbol,
-            )
-        # 1. own trades since the last known fill
-        for trade in await self.venue.trades_since(symbol, None if last is None else int(last)):
-            coid = await self._client_id_of(symbol, trade.venue_order_id)
-            if coid is None:
-                continue  # not an order of ours
-            fill = msgspec.structs.replace(trade, client_order_id=coid)
-            await self.record_fill(fill)
-        # 2. open orders at the venue
-        open_now = {o.client_order_id: o for o in await self.venue.open_orders(symbol)}
+        """Write what the venue knows and the ledger lacks; messages go to the outbox.
+
+        1. Ask the venue about orders: its open orders, and each order the ledger thinks
+           open that the venue no longer has open (by client id); learn venue order ids.
+        2. Fills: own trades after the last known fill (this finds trades of orders
+           the ledger cannot map yet), then *every* trade of each order whose fills the
+           ledger may lack (open, unresolved, filled below its quantity, or canceled
+           below what the venue reported). A fill lost on the stream is found by the
+           second pass whatever fills came after it. Fills are keyed by trade id, so
+           nothing doubles.
+        3. Statuses: accepted / canceled / failed / filled as the venue says.
+        """
         now = time.time_ns()
+        # 1. the venue's view of the orders
+        open_now = {o.client_order_id: o for o in await self.venue.open_orders(symbol)}
         for o in open_now.values():
-            if await self._is_ours(o.client_order_id):
-                await self._apply_accepted(bt.order_accepted(o, venue=self.name, ts_init=now))
-        # 3. orders we think open that the venue no longer has open
+            await self._learn_venue_order_id(o.client_order_id, o.venue_order_id)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM orders WHERE venue = $1 AND symbol = $2"
@@ -677,11 +752,38 @@ class Executor:
                 symbol,
                 list(LedgerStatus.OPEN),
             )
+        looked_up: list[tuple[asyncpg.Record, bt.VenueOrder | None]] = []
         for row in rows:
             coid = row["client_order_id"]
             if coid in open_now:
                 continue
             found = await self._lookup(symbol, coid)
+            if found is not None:
+                await self._learn_venue_order_id(coid, found.venue_order_id)
+            looked_up.append((row, found))
+        # 2. fills
+        async with self.pool.acquire() as conn:
+            last = await conn.fetchval(
+                "SELECT MAX(trade_id::numeric) FROM fills WHERE venue = $1 AND symbol = $2"
+                " AND trade_id ~ '^[0-9]+$'",
+                self.name,
+                symbol,
+            )
+        for trade in await self.venue.trades_since(symbol, None if last is None else int(last)):
+            mapped = await self._client_id_of(symbol, trade.venue_order_id)
+            if mapped is None:
+                continue  # not an order of ours
+            await self.record_fill(msgspec.structs.replace(trade, client_order_id=mapped))
+        for coid, venue_order_id in await self._orders_maybe_missing_fills(symbol):
+            for trade in await self.venue.order_trades(symbol, venue_order_id):
+                if await self.record_fill(msgspec.structs.replace(trade, client_order_id=coid)):
+                    log.warning("reconciliation found a missed fill %s of %s", trade.trade_id, coid)
+        # 3. statuses
+        for o in open_now.values():
+            if await self._is_ours(o.client_order_id):
+                await self._apply_accepted(bt.order_accepted(o, venue=self.name, ts_init=now))
+        for row, found in looked_up:
+            coid = row["client_order_id"]
             if found is None:
                 if row["status"] in UNRESOLVED:
                     await self._record_failed(
@@ -704,6 +806,35 @@ class Executor:
                 await self._record_failed(
                     symbol, coid, "place", bt.RejectedError(0, "REJECTED"), outbox=True
                 )
+
+    async def _learn_venue_order_id(self, client_order_id: str, venue_order_id: str) -> None:
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE orders SET venue_order_id = $2 WHERE client_order_id = $1"
+                " AND venue_order_id IS NULL",
+                client_order_id,
+                venue_order_id,
+            )
+
+    async def _orders_maybe_missing_fills(self, symbol: str) -> list[tuple[str, str]]:
+        """(client id, venue id) of orders whose fills the ledger may not hold in full."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT o.client_order_id, o.venue_order_id FROM orders o"
+                " WHERE o.venue = $1 AND o.symbol = $2 AND o.venue_order_id IS NOT NULL"
+                " AND (o.status = ANY($3::text[])"
+                "  OR (o.status = $4 AND o.filled_qty < o.qty)"
+                "  OR (o.status = $5 AND o.filled_qty < (SELECT MAX(CASE WHEN e.detail"
+                "   ~ '^[0-9]+([.][0-9]+)?$' THEN e.detail::numeric END) FROM order_events e"
+                "   WHERE e.client_order_id = o.client_order_id AND e.kind = 'canceled')))"
+                " ORDER BY o.ts_created",
+                self.name,
+                symbol,
+                list(LedgerStatus.OPEN),
+                LedgerStatus.FILLED,
+                LedgerStatus.CANCELED,
+            )
+        return [(r["client_order_id"], r["venue_order_id"]) for r in rows]
 
     async def _client_id_of(self, symbol: str, venue_order_id: str) -> str | None:
         async with self.pool.acquire() as conn:

@@ -24,6 +24,8 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
     unknown_outcome_wait_s: float = 0.5
     #: How often execution events whose publish failed are tried again.
     outbox_retry_s: float = 1.0
+    #: Least time between reconciliations asked for by malformed user-stream events.
+    malformed_reconcile_s: float = 5.0
 
     def __post_init__(self) -> None:
         super().__post_init__()  # includes the live-trading guard
@@ -48,6 +50,8 @@ class ExecutorSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
             raise ValueError("GS_UNKNOWN_OUTCOME_QUERIES: must be >= 1")
         if self.outbox_retry_s <= 0:
             raise ValueError("GS_OUTBOX_RETRY_S: must be > 0")
+        if self.malformed_reconcile_s < 0:
+            raise ValueError("GS_MALFORMED_RECONCILE_S: must be >= 0")
 
     @property
     def key(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +37,19 @@ class StreamDisconnected:
     """The execution-event stream dropped; events may be missed until it reconnects."""
 
 
-VenueEvent = bt.ExecutionMessage | StreamConnected | StreamDisconnected
+@dataclass(frozen=True, slots=True)
+class MalformedEvent:
+    """A frame of the event stream that could not be parsed (any error), with its raw text.
+
+    The stream goes on; the event it carried may be lost, so the executor logs it, counts
+    it and reconciles (reconciliation does not depend on the stream).
+    """
+
+    raw: str
+    error: str
+
+
+VenueEvent = bt.ExecutionMessage | StreamConnected | StreamDisconnected | MalformedEvent
 
 
 class Venue(Protocol):
@@ -58,6 +71,10 @@ class Venue(Protocol):
 
     async def trades_since(self, symbol: str, last_trade_id: int | None) -> list[OrderFilled]:
         """Own trades with an id above ``last_trade_id`` (client order id left empty)."""
+        ...
+
+    async def order_trades(self, symbol: str, venue_order_id: str) -> list[OrderFilled]:
+        """Every trade of one order (client order id left empty)."""
         ...
 
     def events(self) -> AsyncIterator[VenueEvent]: ...
@@ -145,6 +162,35 @@ class BinanceVenue:
             cursor = max(out) + 1
         return [out[k] for k in sorted(out)]
 
+    async def order_trades(self, symbol: str, venue_order_id: str) -> list[OrderFilled]:
+        # ``symbol + orderId (+ fromId)`` is a combination Binance accepts (weight 5).
+        # TradingClient.my_trades has no orderId parameter yet, so the signed request is
+        # made here (a change to libs/common is requested).
+        out: dict[int, OrderFilled] = {}
+        from_id: int | None = None
+        limit = 1000
+        while True:
+            page = await self.client.my_trades(
+                symbol, order_id=venue_order_id, from_id=from_id, limit=limit
+            )
+            now = time.time_ns()
+            grew = False
+            for raw in page:
+                if str(raw.get("orderId")) != venue_order_id:
+                    continue
+                tid = int(raw["id"])
+                if tid not in out:
+                    out[tid] = bt.parse_trade(raw, client_order_id="", venue=self.name, ts_init=now)
+                    grew = True
+            if len(page) < limit or not grew:
+                break
+            from_id = max(out) + 1
+        return [out[k] for k in sorted(out)]
+
+    def parse_event(self, payload: Any) -> bt.ExecutionMessage | None:
+        """One decoded user-stream payload as a message (``None``: not an order event)."""
+        return bt.parse_execution_report(payload, venue=self.name, ts_init=time.time_ns())
+
     async def events(self) -> AsyncIterator[VenueEvent]:
         """Execution events from the user data stream, reconnecting forever until closed."""
         reconnect = False
@@ -168,14 +214,17 @@ class BinanceVenue:
                                 ):
                                     break
                                 continue
-                            payload = frame.json()
-                            event = bt.unwrap_event(payload)
-                            if event.get("e") == "listenKeyExpired":
+                            raw = str(frame.data)
+                            try:
+                                payload = json.loads(raw)
+                                expired = bt.unwrap_event(payload).get("e") == "listenKeyExpired"
+                                msg = None if expired else self.parse_event(payload)
+                            except Exception as exc:  # any parse error: report, go on
+                                yield MalformedEvent(raw, f"{type(exc).__name__}: {exc}")
+                                continue
+                            if expired:
                                 log.warning("listenKey expired; reconnecting")
                                 break
-                            msg = bt.parse_execution_report(
-                                payload, venue=self.name, ts_init=time.time_ns()
-                            )
                             if msg is not None:
                                 yield msg
                     finally:

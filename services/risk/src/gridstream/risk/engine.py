@@ -16,6 +16,13 @@ A ``cancel`` is approved when the order is known (open), else rejected ``UNKNOWN
 Idempotent: the verdict for an intent id is remembered, so an intent seen twice
 yields the very same verdict (same deterministic id) and counts exposure once.
 Fills are applied once per message id (``venue:symbol:trade:<id>``).
+
+Closed orders stay closed: the client order ids of orders that filled, were canceled
+or failed (and of rejected places) are remembered (bounded), and an ``OrderAccepted``
+for one of them is ignored. An accept can arrive after the order's fills (fills go out
+through the executor's outbox at once, the handler's accept with its batch) or again
+(a redelivered approval); it must not re-open the order. An accept for an order risk
+does not know counts its quantity minus what fills already showed.
 """
 
 from __future__ import annotations
@@ -43,6 +50,18 @@ ZERO: Final = Decimal(0)
 DEFAULT_MAX_EXPOSURE_QUOTE: Final = Decimal(250)
 VERDICT_MEMORY: Final = 100_000
 FILL_MEMORY: Final = 1_000_000
+#: How many closed client order ids (and per-order filled quantities) are remembered.
+CLOSED_MEMORY: Final = 100_000
+
+
+class Closed:
+    """Why a client order id is closed (values of :attr:`RiskEngine.closed`)."""
+
+    FILLED: Final = "filled"
+    CANCELED: Final = "canceled"
+    FAILED: Final = "failed"
+    REJECTED: Final = "rejected"  # risk refused the place: the executor never sent it
+    LEDGER: Final = "ledger"  # terminal in the ledger at restore
 
 
 class Reasons:
@@ -95,6 +114,10 @@ class RiskEngine:
         self.open_orders: dict[str, OpenOrder] = {}
         self._verdicts: OrderedDict[str, Verdict] = OrderedDict()
         self._fills_seen: OrderedDict[str, None] = OrderedDict()
+        #: client order id -> why it is closed (:class:`Closed`), oldest first, bounded.
+        self.closed: OrderedDict[str, str] = OrderedDict()
+        #: client order id -> quantity filled so far, for orders not (yet) known open.
+        self._filled: OrderedDict[str, Decimal] = OrderedDict()
 
     # -- state restore ----------------------------------------------------------------------
     def restore(
@@ -102,12 +125,34 @@ class RiskEngine:
         positions: Mapping[str, Decimal],
         open_orders: Mapping[str, OpenOrder],
         fill_ids: Iterable[str] = (),
+        *,
+        closed: Iterable[str] = (),
+        verdicts: Iterable[Verdict] = (),
     ) -> None:
-        """Load state rebuilt from the ledger (positions, open orders, fills already counted)."""
+        """Load state rebuilt from the ledger: positions, open orders (placed or only
+        approved), fills already counted, closed orders and earlier verdicts (oldest
+        first)."""
         self.positions = {s: q for s, q in positions.items() if q != 0}
         self.open_orders = dict(open_orders)
         for fid in fill_ids:
             self._remember_fill(fid)
+        for coid in closed:
+            if coid not in self.open_orders:
+                self._close(coid, Closed.LEDGER)
+        for verdict in verdicts:
+            self._remember_verdict(verdict)
+
+    def _close(self, client_order_id: str, why: str) -> None:
+        self.closed[client_order_id] = why
+        self.closed.move_to_end(client_order_id)
+        if len(self.closed) > CLOSED_MEMORY:
+            self.closed.popitem(last=False)
+        self._filled.pop(client_order_id, None)
+
+    def _remember_verdict(self, verdict: Verdict) -> None:
+        self._verdicts[verdict.intent_id] = verdict
+        if len(self._verdicts) > VERDICT_MEMORY:
+            self._verdicts.popitem(last=False)
 
     # -- queries ----------------------------------------------------------------------------
     def position(self, symbol: str) -> Decimal:
@@ -148,9 +193,14 @@ class RiskEngine:
             verdict = self._judge_cancel(intent, ts)
         else:
             verdict = self._judge_place(intent, ts)
-        self._verdicts[intent.id] = verdict
-        if len(self._verdicts) > VERDICT_MEMORY:
-            self._verdicts.popitem(last=False)
+            coid = intent.client_order_id
+            if (
+                isinstance(verdict, OrderRejected)
+                and coid not in self.open_orders
+                and coid not in self.closed
+            ):
+                self._close(coid, Closed.REJECTED)
+        self._remember_verdict(verdict)
         return verdict
 
     def _judge_cancel(self, intent: OrderIntent, ts: int) -> Verdict:
@@ -172,6 +222,11 @@ class RiskEngine:
         existing = self.open_orders.get(intent.client_order_id)
         if existing is not None:
             # Same client order id already counted: the executor will not place it twice.
+            return self._approve(intent, ts)
+        closed = self.closed.get(intent.client_order_id)
+        if closed is not None and closed != Closed.REJECTED:
+            # Already done at the venue: the executor answers with its outcome and sends
+            # nothing, so there is no exposure to count.
             return self._approve(intent, ts)
         notional = intent.price * intent.qty
         if intent.side == "BUY":
@@ -198,6 +253,7 @@ class RiskEngine:
         self.open_orders[intent.client_order_id] = OpenOrder(
             intent.symbol, intent.side, intent.price, intent.qty
         )
+        self.closed.pop(intent.client_order_id, None)
         return self._approve(intent, ts)
 
     @staticmethod
@@ -235,17 +291,28 @@ class RiskEngine:
         if isinstance(msg, OrderFilled):
             self._on_fill(msg)
         elif isinstance(msg, OrderAccepted):
-            order = self.open_orders.get(msg.client_order_id)
-            if order is None:
-                self.open_orders[msg.client_order_id] = OpenOrder(
-                    msg.symbol, msg.side, msg.price, msg.qty
-                )
-            else:
-                order.price = msg.price
-        elif isinstance(msg, OrderCanceled) or (
-            isinstance(msg, OrderFailed) and msg.action == "place"
-        ):
+            self._on_accepted(msg)
+        elif isinstance(msg, OrderCanceled):
             self.open_orders.pop(msg.client_order_id, None)
+            self._close(msg.client_order_id, Closed.CANCELED)
+        elif isinstance(msg, OrderFailed) and msg.action == "place":
+            self.open_orders.pop(msg.client_order_id, None)
+            self._close(msg.client_order_id, Closed.FAILED)
+
+    def _on_accepted(self, msg: OrderAccepted) -> None:
+        coid = msg.client_order_id
+        order = self.open_orders.get(coid)
+        if order is not None:
+            order.price = msg.price
+            return
+        if coid in self.closed and self.closed[coid] != Closed.REJECTED:
+            return  # late or repeated: the order is done, it must not count again
+        remaining = msg.qty - self._filled.pop(coid, ZERO)
+        if remaining <= 0:
+            self._close(coid, Closed.FILLED)
+            return
+        self.closed.pop(coid, None)
+        self.open_orders[coid] = OpenOrder(msg.symbol, msg.side, msg.price, remaining)
 
     def _remember_fill(self, fill_id: str) -> bool:
         if fill_id in self._fills_seen:
@@ -264,8 +331,16 @@ class RiskEngine:
             self.positions.pop(fill.symbol, None)
         else:
             self.positions[fill.symbol] = pos
-        order = self.open_orders.get(fill.client_order_id)
+        coid = fill.client_order_id
+        order = self.open_orders.get(coid)
         if order is not None:
             order.remaining -= fill.qty
             if order.remaining <= 0:
-                del self.open_orders[fill.client_order_id]
+                del self.open_orders[coid]
+                self._close(coid, Closed.FILLED)
+        elif coid not in self.closed or self.closed[coid] == Closed.REJECTED:
+            # Not known open (yet): keep what filled, for an accept that comes later.
+            self._filled[coid] = self._filled.get(coid, ZERO) + fill.qty
+            self._filled.move_to_end(coid)
+            if len(self._filled) > CLOSED_MEMORY:
+                self._filled.popitem(last=False)

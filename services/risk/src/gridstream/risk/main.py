@@ -18,6 +18,7 @@ from gridstream.common.bus import Delivery, Handler, Outgoing
 from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import (
     OrderAccepted,
+    OrderApproved,
     OrderCanceled,
     OrderFailed,
     OrderFilled,
@@ -26,7 +27,14 @@ from gridstream.common.messages import (
 )
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.streams import Kind, Service, stream, streams
-from gridstream.risk.engine import OpenOrder, RiskEngine
+from gridstream.risk.engine import (
+    CLOSED_MEMORY,
+    VERDICT_MEMORY,
+    OpenOrder,
+    RiskEngine,
+    Verdict,
+    verdict_id,
+)
 from gridstream.risk.settings import RiskSettings
 
 log = logging.getLogger("gridstream.risk")
@@ -51,14 +59,38 @@ async def fetch_filters(
     return filters
 
 
+#: Ledger statuses after which an order can no longer fill.
+TERMINAL = (LedgerStatus.FILLED, LedgerStatus.CANCELED, LedgerStatus.FAILED)
+APPROVED, REJECTED = "approved", "rejected"
+
+
 async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[str]) -> None:
-    """Rebuild positions (from fills) and open orders (from orders) out of the ledger."""
+    """Rebuild risk's state out of the ledger.
+
+    * positions from fills (and the fill ids, so a late publish counts once);
+    * open orders: every order the ledger has open, *and* every approved place whose
+      order has no terminal state yet, including one the executor has not placed (no
+      ``orders`` row): approvals still in ``gs:orders`` count, so a restart cannot
+      approve past the limit;
+    * closed client order ids (most recent first, bounded) and earlier verdicts.
+    """
     syms = [s.upper() for s in symbols]
     async with pool.acquire() as conn:
         pos_rows = await conn.fetch(
             "SELECT symbol, SUM(CASE WHEN side = 'BUY' THEN qty ELSE -qty END) AS pos"
             " FROM fills WHERE symbol = ANY($1::text[]) GROUP BY symbol",
             syms,
+        )
+        approved_rows = await conn.fetch(
+            "SELECT DISTINCT ON (v.client_order_id) v.client_order_id, v.symbol, v.side,"
+            " v.price, v.qty - COALESCE(o.filled_qty, 0) AS remaining"
+            " FROM risk_verdicts v LEFT JOIN orders o USING (client_order_id)"
+            " WHERE v.symbol = ANY($1::text[]) AND v.verdict = $2 AND v.action = 'place'"
+            " AND (o.status IS NULL OR NOT o.status = ANY($3::text[]))"
+            " ORDER BY v.client_order_id, v.ts_init",
+            syms,
+            APPROVED,
+            list(TERMINAL),
         )
         order_rows = await conn.fetch(
             "SELECT client_order_id, symbol, side, price, qty - filled_qty AS remaining"
@@ -69,25 +101,114 @@ async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[s
         fill_rows = await conn.fetch(
             "SELECT venue, symbol, trade_id FROM fills WHERE symbol = ANY($1::text[])", syms
         )
+        closed_rows = await conn.fetch(
+            "SELECT client_order_id FROM orders WHERE symbol = ANY($1::text[])"
+            " AND status = ANY($2::text[]) ORDER BY ts_updated DESC LIMIT $3",
+            syms,
+            list(TERMINAL),
+            CLOSED_MEMORY,
+        )
+        verdict_rows = await conn.fetch(
+            "SELECT * FROM risk_verdicts WHERE symbol = ANY($1::text[])"
+            " ORDER BY ts_init DESC, intent_id LIMIT $2",
+            syms,
+            VERDICT_MEMORY,
+        )
     positions = {r["symbol"]: Decimal(r["pos"]) for r in pos_rows}
     open_orders = {
         r["client_order_id"]: OpenOrder(
             r["symbol"], r["side"], Decimal(r["price"]), Decimal(r["remaining"])
         )
-        for r in order_rows
+        for r in (*approved_rows, *order_rows)  # the ledger's row wins over the verdict
         if Decimal(r["remaining"]) > 0
     }
     engine.restore(
         positions,
         open_orders,
         (fill_id(r["venue"], r["symbol"], r["trade_id"]) for r in fill_rows),
+        closed=[r["client_order_id"] for r in reversed(closed_rows)],
+        verdicts=[_verdict_of(r) for r in reversed(verdict_rows)],
     )
-    log.info("state restored: positions=%s open_orders=%d", positions, len(open_orders))
+    log.info(
+        "state restored: positions=%s open_orders=%d (approved, not yet placed: %d)",
+        positions,
+        len(open_orders),
+        len(
+            {r["client_order_id"] for r in approved_rows}
+            - {r["client_order_id"] for r in order_rows}
+        ),
+    )
 
 
-def make_handler(engine: RiskEngine) -> Handler:
+def _verdict_of(row: asyncpg.Record) -> Verdict:
+    """The verdict message a ``risk_verdicts`` row was written for (same id and fields)."""
+    if row["verdict"] == APPROVED:
+        return OrderApproved(
+            id=verdict_id(row["intent_id"]),
+            ts_event=row["ts_event"],
+            ts_init=row["ts_init"],
+            intent_id=row["intent_id"],
+            action=row["action"],
+            symbol=row["symbol"],
+            client_order_id=row["client_order_id"],
+            side=row["side"],
+            price=Decimal(row["price"]),
+            qty=Decimal(row["qty"]),
+        )
+    return OrderRejected(
+        id=verdict_id(row["intent_id"]),
+        ts_event=row["ts_event"],
+        ts_init=row["ts_init"],
+        intent_id=row["intent_id"],
+        action=row["action"],
+        symbol=row["symbol"],
+        client_order_id=row["client_order_id"],
+        reason=row["reason"],
+        detail=row["detail"],
+    )
+
+
+_INSERT_VERDICTS = (
+    "INSERT INTO risk_verdicts (intent_id, client_order_id, symbol, action, side, price, qty,"
+    " verdict, reason, detail, ts_event, ts_init)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::numeric[], $7::numeric[], $8::text[], $9::text[], $10::text[], $11::bigint[],"
+    " $12::bigint[])"
+    " ON CONFLICT (intent_id) DO NOTHING"
+)
+
+
+async def save_verdicts(pool: asyncpg.Pool, judged: Sequence[tuple[OrderIntent, Verdict]]) -> None:
+    """Write verdicts in one statement (one row per intent; a repeat changes nothing)."""
+    if not judged:
+        return
+    cols: list[list[object]] = [[] for _ in range(12)]
+    for intent, v in judged:
+        rejected = isinstance(v, OrderRejected)
+        row = (
+            intent.id,
+            intent.client_order_id,
+            intent.symbol,
+            intent.action,
+            intent.side,
+            intent.price,
+            intent.qty,
+            REJECTED if rejected else APPROVED,
+            v.reason if isinstance(v, OrderRejected) else "",
+            v.detail if isinstance(v, OrderRejected) else "",
+            v.ts_event,
+            v.ts_init,
+        )
+        for col, value in zip(cols, row, strict=True):
+            col.append(value)
+    async with pool.acquire() as conn:
+        await conn.execute(_INSERT_VERDICTS, *cols)
+
+
+def make_handler(engine: RiskEngine, pool: asyncpg.Pool) -> Handler:
     async def handle(batch: Sequence[Delivery]) -> list[Outgoing]:
         out: list[Outgoing] = []
+        judged: list[tuple[OrderIntent, Verdict]] = []
         for d in batch:
             msg = d.message
             if isinstance(msg, OrderIntent):
@@ -102,9 +223,12 @@ def make_handler(engine: RiskEngine) -> Handler:
                         verdict.reason,
                         verdict.detail,
                     )
+                judged.append((msg, verdict))
                 out.append((stream(Kind.ORDERS, msg.symbol), verdict))
             elif isinstance(msg, OrderAccepted | OrderCanceled | OrderFilled | OrderFailed):
                 engine.on_execution(msg)
+        # durable before published: a restart counts approvals not yet placed
+        await save_verdicts(pool, judged)
         return out
 
     return handle
@@ -119,7 +243,7 @@ async def run(settings: RiskSettings, rt: Runtime) -> None:
     engine = RiskEngine(filters, max_exposure_quote=settings.max_exposure_quote)
     assert rt.pool is not None
     await load_state(rt.pool, engine, settings.symbols)
-    handle = make_handler(engine)
+    handle = make_handler(engine, rt.pool)
     await rt.consume(
         streams(Kind.INTENTS, settings.symbols) + streams(Kind.EXECUTIONS, settings.symbols),
         handle,

@@ -353,9 +353,17 @@ class TradingClient:
         *,
         from_id: int | None = None,
         start_time_ms: int | None = None,
+        order_id: int | str | None = None,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        params = {"symbol": symbol, "fromId": from_id, "startTime": start_time_ms, "limit": limit}
+        """Own trades of ``symbol`` (optionally of one order), oldest first."""
+        params = {
+            "symbol": symbol,
+            "orderId": order_id,
+            "fromId": from_id,
+            "startTime": start_time_ms,
+            "limit": limit,
+        }
         return cast(list[dict[str, Any]], await self._signed("GET", f"{API}/myTrades", params))
 
     async def account(self) -> dict[str, Any]:
