@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,25 +90,53 @@ def _with_db_index(url: str, index: int) -> str:
     return urlunsplit((parts.scheme, parts.netloc, f"/{index}", parts.query, parts.fragment))
 
 
+def _lease_holder_alive(value: bytes | None) -> bool:
+    """A lease is ``host:pid:token``; one held by a dead process on this host is stale."""
+    if not value:
+        return False
+    host, _, rest = value.decode(errors="replace").partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True  # another machine's lease: trust its TTL
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @pytest.fixture
 def redis_url(_servers: dict[str, str]) -> Iterator[str]:
-    """A Redis URL on a database index leased for this test and flushed before use."""
+    """A Redis URL on a database index leased for this test and flushed before use.
+
+    Leases live in database 0 with a TTL; a lease left by a test process that died
+    (killed run) is taken over at once instead of waiting for its TTL.
+    """
     base = _with_db_index(_servers["redis"], 0)
     admin = redis.Redis.from_url(base)
-    token = uuid.uuid4().hex
+    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
     index = None
-    for _ in range(600):
+    deadline = time.monotonic() + 300
+    while index is None and time.monotonic() < deadline:
         for candidate in range(1, 16):
-            if admin.set(f"{LEASE_PREFIX}{candidate}", token, nx=True, ex=LEASE_TTL_S):
+            key = f"{LEASE_PREFIX}{candidate}"
+            if admin.set(key, token, nx=True, ex=LEASE_TTL_S):
                 index = candidate
                 break
-        if index is not None:
-            break
-        import time
-
-        time.sleep(0.5)
+            holder = admin.get(key)
+            if (
+                not _lease_holder_alive(holder)
+                and admin.delete(key)
+                and admin.set(key, token, nx=True, ex=LEASE_TTL_S)
+            ):
+                index = candidate
+                break
+        if index is None:
+            time.sleep(0.2)
     if index is None:
-        raise RuntimeError("no free Redis database index for this test")
+        raise RuntimeError("no free Redis database index for this test (15 are leased)")
     url = _with_db_index(_servers["redis"], index)
     client = redis.Redis.from_url(url)
     client.flushdb()

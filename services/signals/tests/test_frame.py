@@ -76,3 +76,17 @@ def test_mixed_unsorted_frame_is_split_per_series_and_deduplicated() -> None:
     assert btc_out.height == len(signals)
     for sig, row in zip(signals, btc_out.iter_rows(named=True), strict=True):
         assert_same(sig, row)
+
+
+@pytest.mark.parametrize("n", [1, 15, 30, 300])
+def test_short_histories_are_null_until_each_lookback(n: int) -> None:
+    params = SignalParams()
+    out = compute_frame(frame("SOLUSDT", n=n), params)
+    assert out.height == n
+    for name, lookback in params.lookbacks().items():
+        assert out[name].head(lookback).null_count() == min(lookback, n), name
+        assert out[name].slice(lookback).null_count() == 0, name
+    first = params.regime_lookback
+    assert out["regime"].head(first).to_list() == ["warmup"] * min(first, n)
+    assert "warmup" not in out["regime"].slice(first).to_list()
+    assert out["warm"].to_list() == [i >= params.warmup - 1 for i in range(n)]

@@ -1,37 +1,117 @@
 """The signals engine's indicators over a whole candle history, with Polars expressions.
 
-Same definitions as :mod:`gridstream.signals.indicators` (TA-Lib seeding included). A Wilder
-or EMA series is an ``ewm_mean(adjust=False)`` whose first row is its seed (an SMA placed at
-the first defined index, nulls before it), so it starts exactly as the incremental engine
-does. Every expression looks only backwards (rolling windows, ``shift`` by positive amounts,
-causal EWM), so no row sees the future: the values of row ``i`` equal what the engine emits
-for that candle. The regime's hysteresis is a state machine: it runs once over the finished
-indicator columns with the engine's own :class:`~gridstream.signals.engine.RegimeTracker`.
+Same definitions as :mod:`gridstream.signals.indicators` (TA-Lib seeding included). One lazy
+Polars query computes every column (Polars runs its independent expressions in parallel). A
+Wilder or EMA series is an ``ewm_mean(adjust=False)`` over a null-free body whose first row
+is its seed (an SMA at the first defined index), preceded by nulls, so it starts exactly as
+the incremental engine does. Every expression looks only backwards (rolling windows,
+``shift`` by positive amounts, causal EWM), so no row sees the future: the values of row
+``i`` equal what the engine emits for that candle.
+
+The regime's hysteresis is a state machine (each step depends on the state and on how long
+it has lasted), which no vectorised expression computes: a small compiled loop (numba),
+called through ``map_batches``, transcribes the engine's
+:class:`~gridstream.signals.engine.RegimeTracker` step for step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Final, cast, get_args
+
+import numpy as np
+import numpy.typing as npt
 import polars as pl
+from numba import njit
+from polars._typing import EngineType
 
 from gridstream.common.messages import Regime
-from gridstream.signals.engine import INDICATORS, RegimeTracker, SignalParams
+from gridstream.signals.engine import INDICATORS, SignalParams
 from gridstream.signals.indicators import TA_EPSILON
 
 #: Columns added by :func:`compute_frame`.
 OUTPUT_COLUMNS = (*INDICATORS, "warm", "regime")
 _KEYS = ("symbol", "interval")
+#: Polars engine that runs the indicator query: the streaming engine (Polars' default) is
+#: the faster one here.
+ENGINE: EngineType = "streaming"
+
+Floats = npt.NDArray[np.float64]
+
+#: Regime codes of the state machine; code ``i`` is ``REGIMES[i]``.
+REGIMES: Final[tuple[Regime, ...]] = get_args(Regime)
+_WARMUP, _RANGE, _UP, _DOWN, _HIGH_VOL = (
+    REGIMES.index(r) for r in ("warmup", "range", "trend_up", "trend_down", "high_volatility")
+)
 
 
-def _seeded_ewm(
-    values: pl.Expr, index: pl.Expr, seed: pl.Expr, first: int, alpha: float
-) -> pl.Expr:
-    """EWM (adjust=False) of ``values`` after row ``first``, where it starts from ``seed``."""
-    seeded = pl.when(index < first).then(None).when(index == first).then(seed).otherwise(values)
-    return seeded.ewm_mean(alpha=alpha, adjust=False, min_samples=1)
+def _regime_steps(
+    adx: Floats,
+    plus_di: Floats,
+    minus_di: Floats,
+    width_z: Floats,
+    first: int,
+    thresholds: Floats,
+    min_dwell: int,
+    codes: npt.NDArray[np.int8],
+) -> npt.NDArray[np.int8]:
+    """:meth:`RegimeTracker.step <gridstream.signals.engine.RegimeTracker.step>` over the
+    inputs of rows ``first..`` (index 0 = row ``first``); rows before are ``warmup``.
+    ``codes`` = (warmup, range, trend_up, trend_down, high_volatility)."""
+    adx_enter, adx_exit, vol_enter, vol_exit = (
+        thresholds[0],
+        thresholds[1],
+        thresholds[2],
+        thresholds[3],
+    )
+    warmup, rng, up, down, high_vol = codes[0], codes[1], codes[2], codes[3], codes[4]
+    out = np.full(first + adx.shape[0], warmup, dtype=np.int8)
+    state = rng
+    dwell = min_dwell
+    for j in range(adx.shape[0]):
+        i = j + first
+        a = adx[j]
+        if width_z[j] > (vol_exit if state == high_vol else vol_enter):
+            want = high_vol
+        elif a > adx_enter or ((state == up or state == down) and a >= adx_exit):  # noqa: SIM109 (kept as plain comparisons for numba)
+            want = up if plus_di[j] > minus_di[j] else down
+        else:
+            want = rng
+        if want != state and (want == high_vol or dwell >= min_dwell):
+            state = want
+            dwell = 1
+        else:
+            dwell += 1
+        out[i] = state
+    return out
 
 
-def _not_zero(v: pl.Expr) -> pl.Expr:
-    return (v <= -TA_EPSILON) | (v >= TA_EPSILON)
+#: :func:`_regime_steps` compiled (on first use; cached on disk by numba).
+_regime_kernel = cast(
+    "Callable[..., npt.NDArray[np.int8]]", njit(cache=True, nogil=True)(_regime_steps)
+)
+
+
+def _floats(s: pl.Series) -> Floats:
+    """A float column as a numpy array, nulls as NaN (no copy when it has neither)."""
+    return s.to_numpy()
+
+
+def _pad(body: pl.Expr, k: int, height: int) -> pl.Expr:
+    """``k`` nulls, then ``body`` (the ``height - k`` rows from row ``k``); all nulls when the
+    series has no row ``k``. Appending a null prefix is almost free (a new chunk, no copy)."""
+    if k >= height:
+        return pl.repeat(None, height, dtype=pl.Float64)
+    if k == 0:
+        return body
+    return pl.repeat(None, k, dtype=pl.Float64).append(body)
+
+
+def _seeded_ewm(values: pl.Expr, seed: pl.Expr, first: int, alpha: float, height: int) -> pl.Expr:
+    """EWM (adjust=False) that is ``seed`` at row ``first`` and follows ``values`` after it;
+    null before. The EWM runs over a null-free body (its fast path)."""
+    body = seed.append(values.slice(first + 1)).ewm_mean(alpha=alpha, adjust=False)
+    return _pad(body, first, height)
 
 
 def indicator_frame(
@@ -39,58 +119,81 @@ def indicator_frame(
 ) -> pl.DataFrame:
     """Every indicator column for one series (rows in time order), nulls before warm-up;
     ``warm`` and ``regime`` too unless ``with_regime`` is false."""
+    done = indicator_query(df, params).collect(engine=ENGINE)
+    if not with_regime:
+        return done
+    return done.with_columns(
+        (pl.int_range(pl.len()) >= params.warmup - 1).alias("warm"), regime_expr(params)
+    )
+
+
+def indicator_query(df: pl.DataFrame, params: SignalParams) -> pl.LazyFrame:
+    """The lazy query behind :func:`indicator_frame` (without ``warm`` and ``regime``)."""
     p = params
     lb = p.lookbacks()
-    idx = pl.int_range(pl.len(), dtype=pl.Int64)
-    high = pl.col("high").cast(pl.Float64)
-    low = pl.col("low").cast(pl.Float64)
-    close = pl.col("close").cast(pl.Float64)
-    volume = pl.col("volume").cast(pl.Float64) if "volume" in df.columns else pl.lit(0.0)
+    rows = df.height
+    # inputs as float64, cast once (and not at all when they already are)
+    inputs = {}
+    for c in ("high", "low", "close", "volume"):
+        if c not in df.columns:
+            inputs[c] = pl.lit(0.0)  # no volume: the VWAP is the close
+        elif df.schema[c] != pl.Float64:
+            inputs[c] = pl.col(c).cast(pl.Float64)
+    high, low, close, volume = (
+        pl.col(f"_{c}") if c in inputs else pl.col(c) for c in ("high", "low", "close", "volume")
+    )
     prev = close.shift(1)
 
-    def after(name: str, expr: pl.Expr) -> pl.Expr:
-        return pl.when(idx >= lb[name]).then(expr).otherwise(None).alias(name)
+    def pad(body: pl.Expr, k: int) -> pl.Expr:
+        return _pad(body, k, rows)
 
-    # True range, directional movement, gains and losses: defined from row 1.
-    tr = pl.max_horizontal(high - low, (prev - high).abs(), (low - prev).abs())
+    def seeded_ewm(values: pl.Expr, seed: pl.Expr, first: int, alpha: float) -> pl.Expr:
+        return _seeded_ewm(values, seed, first, alpha, rows)
+
+    # True range, directional movement, gains and losses are read
+    # from row 1 on (row 0 has no previous candle; its values are never read).
     dp = high - high.shift(1)
     dm = low.shift(1) - low
-    plus = pl.when((dp > 0) & (dp > dm)).then(dp).otherwise(0.0)
-    minus = pl.when((dm > 0) & (dp < dm)).then(dm).otherwise(0.0)
     change = close - prev
     n_rsi, n_atr, n_adx = p.rsi_period, p.atr_period, p.adx_period
-    base = df.lazy().with_columns(
-        pl.when(idx >= 1).then(tr).alias("_tr"),
-        pl.when(idx >= 1).then(plus).alias("_pdm"),
-        pl.when(idx >= 1).then(minus).alias("_mdm"),
-        pl.when(idx >= 1).then(change.clip(lower_bound=0.0)).alias("_gain"),
-        pl.when(idx >= 1).then((-change).clip(lower_bound=0.0)).alias("_loss"),
-        # row 0 has no return: 0.0 there keeps the rolling kernels on their fast no-null
-        # path; no window that is read (from row vol_window on) contains row 0
-        (close / prev).log().fill_null(0.0).alias("_ret"),
+    base = df.lazy()
+    if inputs:
+        base = base.with_columns(e.alias(f"_{c}") for c, e in inputs.items())
+    base = base.with_columns(
+        pl.max_horizontal(high - low, (prev - high).abs(), (low - prev).abs()).alias("_tr"),
+        pl.when((dp > 0) & (dp > dm)).then(dp).otherwise(0.0).alias("_pdm"),
+        pl.when((dm > 0) & (dp < dm)).then(dm).otherwise(0.0).alias("_mdm"),
+        change.clip(lower_bound=0.0).alias("_gain"),
+        (-change).clip(lower_bound=0.0).alias("_loss"),
+        (close / prev).log().alias("_ret"),
         ((high + low + close) / 3.0 * volume).alias("_pv"),
-        volume.alias("_v"),
-        (volume > 0).cast(pl.Int64).alias("_traded"),
+        (volume > 0).cast(pl.Int32).alias("_traded"),
     )
 
     def wilder(col: str, n: int) -> pl.Expr:
         # seed at row n: the mean of rows 1..n
         c = pl.col(col)
-        return _seeded_ewm(c, idx, c.slice(1, n).sum() / n, n, 1.0 / n)
+        return seeded_ewm(c, c.slice(1, n).sum() / n, n, 1.0 / n)
 
     def dm_smooth(col: str) -> pl.Expr:
-        # TA-Lib's s = s - s/n + x, seeded with the sum of rows 1..n-1; carried as s/n.
+        # TA-Lib's s = s - s/n + x, seeded at row n-1 with the sum of rows 1..n-1; carried
+        # as s/n, from row n (the DIs' lookback).
         c = pl.col(col)
-        return _seeded_ewm(c, idx, c.slice(1, n_adx - 1).sum() / n_adx, n_adx - 1, 1.0 / n_adx)
+        seed = c.slice(1, n_adx - 1).sum() / n_adx
+        body = seed.append(c.slice(n_adx)).ewm_mean(alpha=1.0 / n_adx, adjust=False)
+        return pad(body.slice(1), n_adx)
 
+    # Rolling windows over null-free inputs: nulls before the first full window, which is
+    # each one's lookback; no ``when`` masks needed.
     bb_std = close.rolling_std(window_size=p.bb_period, ddof=0)
     bb_mid = close.rolling_mean(window_size=p.bb_period)
     ema_p = p.ema_period
+    vw = p.vwap_window
     out = base.with_columns(
         close.rolling_mean(window_size=p.sma_period).alias("sma"),
-        _seeded_ewm(
-            close, idx, close.slice(0, ema_p).sum() / ema_p, ema_p - 1, 2.0 / (ema_p + 1)
-        ).alias("ema"),
+        seeded_ewm(close, close.slice(0, ema_p).sum() / ema_p, ema_p - 1, 2.0 / (ema_p + 1)).alias(
+            "ema"
+        ),
         wilder("_gain", n_rsi).alias("_avg_gain"),
         wilder("_loss", n_rsi).alias("_avg_loss"),
         wilder("_tr", n_atr).alias("atr"),
@@ -102,80 +205,93 @@ def indicator_frame(
         dm_smooth("_tr").alias("_str"),
         high.rolling_max(window_size=p.donchian_period).alias("dc_upper"),
         low.rolling_min(window_size=p.donchian_period).alias("dc_lower"),
-        after("volatility", pl.col("_ret").rolling_std(window_size=p.vol_window, ddof=0)),
-        after(
-            "vwap",
-            pl.when(pl.col("_traded").rolling_sum(window_size=p.vwap_window) > 0)
-            .then(
-                pl.col("_pv").rolling_sum(window_size=p.vwap_window)
-                / pl.col("_v").rolling_sum(window_size=p.vwap_window)
-            )
-            .otherwise(close),
+        # returns from row 1: the first full window ends at row vol_window (its lookback)
+        pad(pl.col("_ret").slice(1).rolling_std(window_size=p.vol_window, ddof=0), 1).alias(
+            "volatility"
         ),
+        # a null count (before the first window) leaves the division: null too
+        pl.when(pl.col("_traded").rolling_sum(window_size=vw) == 0)
+        .then(close)
+        .otherwise(pl.col("_pv").rolling_sum(window_size=vw) / volume.rolling_sum(window_size=vw))
+        .alias("vwap"),
     )
     g, lo = pl.col("_avg_gain"), pl.col("_avg_loss")
-    strn = pl.col("_str") * n_adx
-    di_ok = _not_zero(strn)
     mid, up, dn = pl.col("bb_middle"), pl.col("bb_upper"), pl.col("bb_lower")
+    # TA_IS_ZERO on sums of non-negative terms (ranges, gains and losses, movements):
+    # below the threshold. Null inputs (before a lookback) give nulls.
+    str_zero = pl.col("_str") * n_adx < TA_EPSILON
     out = out.with_columns(
-        after("rsi", pl.when(_not_zero(g + lo)).then(100.0 * (g / (g + lo))).otherwise(0.0)),
-        after(
-            "plus_di",
-            pl.when(di_ok).then(100.0 * (pl.col("_spdm") / pl.col("_str"))).otherwise(0.0),
-        ),
-        after(
-            "minus_di",
-            pl.when(di_ok).then(100.0 * (pl.col("_smdm") / pl.col("_str"))).otherwise(0.0),
-        ),
-        after("bb_width", pl.when(mid != 0).then((up - dn) / mid).otherwise(0.0)),
+        pl.when(g + lo < TA_EPSILON).then(0.0).otherwise(100.0 * (g / (g + lo))).alias("rsi"),
+        pl.when(str_zero)
+        .then(0.0)
+        .otherwise(100.0 * (pl.col("_spdm") / pl.col("_str")))
+        .alias("plus_di"),
+        pl.when(str_zero)
+        .then(0.0)
+        .otherwise(100.0 * (pl.col("_smdm") / pl.col("_str")))
+        .alias("minus_di"),
+        pl.when(mid == 0).then(0.0).otherwise((up - dn) / mid).alias("bb_width"),
         ((pl.col("dc_upper") + pl.col("dc_lower")) / 2.0).alias("dc_middle"),
     )
     pdi, mdi = pl.col("plus_di"), pl.col("minus_di")
-    dx = pl.when(_not_zero(pdi + mdi)).then(100.0 * ((mdi - pdi).abs() / (pdi + mdi)))
     ema, atr, k = pl.col("ema"), pl.col("atr"), p.trend_lookback
-    # null before the Bollinger lookback; 0.0 there (fast rolling path) is never in a window
-    # that is read: the z-score starts at bb lookback + regime_window - 1
-    width = pl.col("bb_width").fill_null(0.0)
+    bb = lb["bb_width"]
+    # the width from its first value: the z-score's first full window ends at its lookback
+    width = pl.col("bb_width").slice(bb)
     width_sd = width.rolling_std(window_size=p.regime_window, ddof=0)
+    width_mean = width.rolling_mean(window_size=p.regime_window)
     out = out.with_columns(
-        dx.alias("_dx"),
-        after("trend", pl.when(atr > 0).then((ema - ema.shift(k)) / (k * atr)).otherwise(0.0)),
-        after(
-            "bb_width_z",
-            pl.when(width_sd > 0)
-            .then((width - width.rolling_mean(window_size=p.regime_window)) / width_sd)
-            .otherwise(0.0),
+        pl.when(pdi + mdi < TA_EPSILON)
+        .then(None)
+        .otherwise(100.0 * ((mdi - pdi).abs() / (pdi + mdi)))
+        .alias("_dx"),
+        # nulls until both the EMA k candles back and the ATR exist: the trend's lookback
+        pl.when(atr <= 0).then(0.0).otherwise((ema - ema.shift(k)) / (k * atr)).alias("trend"),
+        pad(pl.when(width_sd <= 0).then(0.0).otherwise((width - width_mean) / width_sd), bb).alias(
+            "bb_width_z"
         ),
     )
     first_adx = lb["adx"]
     dxc = pl.col("_dx")
     adx_seed = dxc.slice(n_adx, n_adx).fill_null(0.0).sum() / n_adx
-    adx = (
-        pl.when(idx < first_adx)
-        .then(None)
-        .when(idx == first_adx)
-        .then(adx_seed)
-        .otherwise(dxc)
-        .ewm_mean(alpha=1.0 / n_adx, adjust=False, min_samples=1, ignore_nulls=True)
+    adx_body = (
+        adx_seed.append(dxc.slice(first_adx + 1))
+        .ewm_mean(alpha=1.0 / n_adx, adjust=False, ignore_nulls=True)
         .forward_fill()
     )
-    done = out.with_columns(adx.alias("adx")).select(pl.exclude("^_.*$")).collect()
-    if not with_regime:
-        return done
-    done = done.with_columns((idx >= p.warmup - 1).alias("warm"))
-    return done.with_columns(pl.Series("regime", regimes(done, params), dtype=pl.String))
+    return out.with_columns(pad(adx_body, first_adx).alias("adx")).select(pl.exclude("^_.*$"))
+
+
+def regime_expr(params: SignalParams) -> pl.Expr:
+    """The ``regime`` column over the indicator columns (``warmup`` before the rule's inputs
+    are all defined): the engine's hysteresis rule, one compiled pass."""
+    p = params
+    thresholds = np.array([p.adx_enter, p.adx_exit, p.vol_enter_z, p.vol_exit_z])
+    codes = np.array([_WARMUP, _RANGE, _UP, _DOWN, _HIGH_VOL], dtype=np.int8)
+
+    def run(s: pl.Series) -> pl.Series:
+        first = min(p.regime_lookback, s.len())
+        cols = s.struct.unnest().slice(first)
+        got = _regime_kernel(
+            *(_floats(cols[c]) for c in ("adx", "plus_di", "minus_di", "bb_width_z")),
+            first,
+            thresholds,
+            p.min_dwell,
+            codes,
+        )
+        return pl.Series("regime", got)
+
+    names = pl.lit(pl.Series(REGIMES, dtype=pl.String))
+    code = pl.struct("adx", "plus_di", "minus_di", "bb_width_z").map_batches(
+        run, return_dtype=pl.Int8
+    )
+    return names.gather(code).alias("regime")
 
 
 def regimes(frame: pl.DataFrame, params: SignalParams) -> list[Regime]:
-    """The regime of every row (``warmup`` before the rule's inputs are all defined)."""
-    tracker = RegimeTracker(params)
-    first = params.regime_lookback
-    out: list[Regime] = ["warmup"] * min(first, frame.height)
-    cols = frame.select("adx", "plus_di", "minus_di", "bb_width_z").slice(first)
-    step = tracker.step
-    for a, pd_, md, z in zip(*(cols[c].to_list() for c in cols.columns), strict=True):
-        out.append(step(a, pd_, md, z))
-    return out
+    """The regime of every row of an indicator frame (see :func:`regime_expr`)."""
+    got: list[Regime] = frame.select(regime_expr(params)).to_series().to_list()
+    return got
 
 
 def compute_frame(df: pl.DataFrame, params: SignalParams | None = None) -> pl.DataFrame:
