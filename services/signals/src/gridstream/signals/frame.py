@@ -185,19 +185,24 @@ def indicator_query(df: pl.DataFrame, params: SignalParams) -> pl.LazyFrame:
 
     # Rolling windows over null-free inputs: nulls before the first full window, which is
     # each one's lookback; no ``when`` masks needed.
-    bb_std = close.rolling_std(window_size=p.bb_period, ddof=0)
-    bb_mid = close.rolling_mean(window_size=p.bb_period)
+    # Polars does not share equal rolling expressions between columns: the Bollinger mean
+    # and std are computed once, as columns (the SMA too when its period is the same).
+    base = base.with_columns(
+        close.rolling_mean(window_size=p.bb_period).alias("bb_middle"),
+        close.rolling_std(window_size=p.bb_period, ddof=0).alias("_bb_sd"),
+    )
+    bb_mid, bb_std = pl.col("bb_middle"), pl.col("_bb_sd")
+    sma = bb_mid if p.sma_period == p.bb_period else close.rolling_mean(p.sma_period)
     ema_p = p.ema_period
     vw = p.vwap_window
     out = base.with_columns(
-        close.rolling_mean(window_size=p.sma_period).alias("sma"),
+        sma.alias("sma"),
         seeded_ewm(close, close.slice(0, ema_p).sum() / ema_p, ema_p - 1, 2.0 / (ema_p + 1)).alias(
             "ema"
         ),
         wilder("_gain", n_rsi).alias("_avg_gain"),
         wilder("_loss", n_rsi).alias("_avg_loss"),
         wilder("_tr", n_atr).alias("atr"),
-        bb_mid.alias("bb_middle"),
         (bb_mid + p.bb_k * bb_std).alias("bb_upper"),
         (bb_mid - p.bb_k * bb_std).alias("bb_lower"),
         dm_smooth("_pdm").alias("_spdm"),
@@ -216,7 +221,7 @@ def indicator_query(df: pl.DataFrame, params: SignalParams) -> pl.LazyFrame:
         .alias("vwap"),
     )
     g, lo = pl.col("_avg_gain"), pl.col("_avg_loss")
-    mid, up, dn = pl.col("bb_middle"), pl.col("bb_upper"), pl.col("bb_lower")
+    mid = pl.col("bb_middle")
     # TA_IS_ZERO on sums of non-negative terms (ranges, gains and losses, movements):
     # below the threshold. Null inputs (before a lookback) give nulls.
     str_zero = pl.col("_str") * n_adx < TA_EPSILON
@@ -230,7 +235,8 @@ def indicator_query(df: pl.DataFrame, params: SignalParams) -> pl.LazyFrame:
         .then(0.0)
         .otherwise(100.0 * (pl.col("_smdm") / pl.col("_str")))
         .alias("minus_di"),
-        pl.when(mid == 0).then(0.0).otherwise((up - dn) / mid).alias("bb_width"),
+        # (upper - lower) / middle, from the one rolling std
+        pl.when(mid == 0).then(0.0).otherwise(2.0 * p.bb_k * bb_std / mid).alias("bb_width"),
         ((pl.col("dc_upper") + pl.col("dc_lower")) / 2.0).alias("dc_middle"),
     )
     pdi, mdi = pl.col("plus_di"), pl.col("minus_di")
@@ -238,8 +244,11 @@ def indicator_query(df: pl.DataFrame, params: SignalParams) -> pl.LazyFrame:
     bb = lb["bb_width"]
     # the width from its first value: the z-score's first full window ends at its lookback
     width = pl.col("bb_width").slice(bb)
-    width_sd = width.rolling_std(window_size=p.regime_window, ddof=0)
-    width_mean = width.rolling_mean(window_size=p.regime_window)
+    out = out.with_columns(
+        pad(width.rolling_std(window_size=p.regime_window, ddof=0), bb).alias("_w_sd"),
+        pad(width.rolling_mean(window_size=p.regime_window), bb).alias("_w_mean"),
+    )
+    width, width_sd, width_mean = pl.col("bb_width"), pl.col("_w_sd"), pl.col("_w_mean")
     out = out.with_columns(
         pl.when(pdi + mdi < TA_EPSILON)
         .then(None)
@@ -247,9 +256,10 @@ def indicator_query(df: pl.DataFrame, params: SignalParams) -> pl.LazyFrame:
         .alias("_dx"),
         # nulls until both the EMA k candles back and the ATR exist: the trend's lookback
         pl.when(atr <= 0).then(0.0).otherwise((ema - ema.shift(k)) / (k * atr)).alias("trend"),
-        pad(pl.when(width_sd <= 0).then(0.0).otherwise((width - width_mean) / width_sd), bb).alias(
-            "bb_width_z"
-        ),
+        pl.when(width_sd <= 0)
+        .then(0.0)
+        .otherwise((width - width_mean) / width_sd)
+        .alias("bb_width_z"),
     )
     first_adx = lb["adx"]
     dxc = pl.col("_dx")
