@@ -539,3 +539,25 @@ async def test_only_the_failing_head_entry_accumulates_deliveries(r):
     assert int(dead[0][1][bus.DLQ_DELIVERIES]) == 4
     assert await out_ids(r) == [m.id for m in msgs[1:]]
     assert max(follower_deliveries) <= 2
+
+
+async def test_a_cancelled_consumer_stops_even_if_the_cancellation_is_swallowed(r):
+    """Python 3.11's wait_for/timeout can swallow a cancel that races a completion; a
+    handler may swallow one too. The loop must still end instead of running forever."""
+    await Producer(r).publish([(IN, m) for m in ticks(3)])
+    entered = asyncio.Event()
+
+    async def swallowing(batch):
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            pass  # swallowed
+        return []
+
+    c = consumer(r, handler=swallowing)
+    task = asyncio.create_task(c.run())
+    await asyncio.wait_for(entered.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)

@@ -422,7 +422,12 @@ class Consumer:
     async def run(self) -> None:
         """Process until :meth:`stop` is called."""
         await self.ensure_groups()
+        task = asyncio.current_task()
         while not self._stop.is_set():
+            # A cancellation swallowed on the way (Python 3.11's wait_for/timeout races with
+            # a cancel arriving as the awaited operation completes) must still end the loop.
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             try:
                 await self.run_once()
             except (ConnectionError, OSError, aioredis.ConnectionError) as exc:

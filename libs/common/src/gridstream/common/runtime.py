@@ -153,7 +153,10 @@ class Runtime:
 
     async def _heartbeat(self) -> None:
         key = heartbeat_key(self.service.value, self.settings.replica)
+        task = asyncio.current_task()
         while not self.stop_event.is_set():
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
             body = {
                 "service": self.service.value,
                 "replica": self.settings.replica,
@@ -170,6 +173,7 @@ class Runtime:
                 await asyncio.wait_for(self.stop_event.wait(), HEARTBEAT_EVERY_S)
 
     async def close(self) -> None:
+        self.stop_event.set()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
