@@ -36,21 +36,8 @@ from gridstream.common import db
 
 REPO = Path(__file__).resolve().parents[1]
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"]
-COLUMNS = (
-    "symbol",
-    "interval",
-    "open_time",
-    "close_time",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "trades",
-    "source",
-)
-KEY = ("symbol", "interval", "open_time")
+COLUMNS = db.CANDLE_COLUMNS
+KEY = db.CANDLE_KEY
 CHUNK = 50_000
 SAMPLE = 20_000
 
@@ -92,21 +79,21 @@ async def once(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> tuple[f
     for i in range(0, n, CHUNK):
         async with conn.transaction():
             await conn.copy_records_to_table(
-                "candles", records=rows[i : i + CHUNK], columns=COLUMNS
+                db.CANDLES_TABLE, records=rows[i : i + CHUNK], columns=COLUMNS
             )
     copy_rate = n / (time.perf_counter() - t0)
 
     # upsert path: table holds rows[0:half]; offer rows[overlap_from:] (20% overlap)
     await fresh(conn)
     half = n // 2
-    await conn.copy_records_to_table("candles", records=rows[:half], columns=COLUMNS)
+    await conn.copy_records_to_table(db.CANDLES_TABLE, records=rows[:half], columns=COLUMNS)
     offered = rows[half - n // 5 :]
     t0 = time.perf_counter()
     written = 0
     for i in range(0, len(offered), CHUNK):
         async with conn.transaction():
             written += await db.copy_upsert(
-                conn, "candles", COLUMNS, offered[i : i + CHUNK], key=KEY
+                conn, db.CANDLES_TABLE, COLUMNS, offered[i : i + CHUNK], key=KEY
             )
     upsert_rate = len(offered) / (time.perf_counter() - t0)
     total = await conn.fetchval("SELECT count(*) FROM candles")
@@ -116,7 +103,9 @@ async def once(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> tuple[f
     # executemany, on a sample with the same 20% overlap
     await fresh(conn)
     sample = rows[:SAMPLE]
-    await conn.copy_records_to_table("candles", records=sample[: SAMPLE // 5], columns=COLUMNS)
+    await conn.copy_records_to_table(
+        db.CANDLES_TABLE, records=sample[: SAMPLE // 5], columns=COLUMNS
+    )
     cols = ", ".join(COLUMNS)
     params = ", ".join(f"${i + 1}" for i in range(len(COLUMNS)))
     t0 = time.perf_counter()

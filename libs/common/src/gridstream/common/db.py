@@ -10,9 +10,51 @@ from typing import Any, Final
 
 import asyncpg
 
+from gridstream.common.messages import Candle
+
 log = logging.getLogger("gridstream.db")
 
 MIGRATIONS_TABLE: Final = "schema_migrations"
+
+#: The ``candles`` table (migrations/0001_init.sql), named once for every writer.
+CANDLES_TABLE: Final = "candles"
+CANDLE_COLUMNS: Final = (
+    "symbol",
+    "interval",
+    "open_time",
+    "close_time",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "trades",
+    "source",
+)
+CANDLE_KEY: Final = ("symbol", "interval", "open_time")
+#: What an import may overwrite on a candle already stored (not the key, not the source).
+CANDLE_UPDATE: Final = tuple(c for c in CANDLE_COLUMNS if c not in CANDLE_KEY and c != "source")
+
+
+def candle_record(c: Candle) -> tuple[object, ...]:
+    """A :class:`Candle` as a ``candles`` row, in :data:`CANDLE_COLUMNS` order."""
+    return (
+        c.symbol,
+        c.interval,
+        c.open_time,
+        c.close_time,
+        c.open,
+        c.high,
+        c.low,
+        c.close,
+        c.volume,
+        c.quote_volume,
+        c.trades,
+        c.source,
+    )
+
+
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 

@@ -66,22 +66,9 @@ from gridstream.ingestor.engine import CandleCheck, Gap, Halt, IngestEngine, fin
 log = logging.getLogger("gridstream.ingestor")
 
 SERVICE: Final = Service.INGESTOR
-CANDLES_TABLE: Final = "candles"
-CANDLE_COLUMNS: Final = (
-    "symbol",
-    "interval",
-    "open_time",
-    "close_time",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "trades",
-    "source",
-)
-CANDLE_KEY: Final = ("symbol", "interval", "open_time")
+CANDLES_TABLE: Final = db.CANDLES_TABLE
+CANDLE_COLUMNS: Final = db.CANDLE_COLUMNS
+CANDLE_KEY: Final = db.CANDLE_KEY
 #: How many recent entries of a candle stream are scanned to find what was published.
 PUBLISHED_SCAN: Final = 1000
 DLQ_REASON_MALFORMED: Final = "malformed"
@@ -176,21 +163,7 @@ class ConnectionAged(Exception):
 _CLOSED: Final = object()
 
 
-def candle_record(c: Candle) -> tuple[object, ...]:
-    return (
-        c.symbol,
-        c.interval,
-        c.open_time,
-        c.close_time,
-        c.open,
-        c.high,
-        c.low,
-        c.close,
-        c.volume,
-        c.quote_volume,
-        c.trades,
-        c.source,
-    )
+candle_record = db.candle_record
 
 
 def subscriptions(settings: IngestorSettings) -> list[str]:

@@ -32,23 +32,13 @@ from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+from gridstream.common.binance.market import INTERVAL_MS
+
 MINUTE_MS = 60_000
 Q8 = Decimal("0.00000001")
 ZERO = Decimal(0)
-INTERVALS_MS = {
-    "1m": 60_000,
-    "3m": 180_000,
-    "5m": 300_000,
-    "15m": 900_000,
-    "30m": 1_800_000,
-    "1h": 3_600_000,
-    "2h": 7_200_000,
-    "4h": 14_400_000,
-    "6h": 21_600_000,
-    "8h": 28_800_000,
-    "12h": 43_200_000,
-    "1d": 86_400_000,
-}
+#: The kline intervals the simulator serves: Binance's, from one minute to one day.
+INTERVALS_MS = {k: v for k, v in INTERVAL_MS.items() if MINUTE_MS <= v <= 86_400_000}
 INTERVAL_NAMES = {ms: name for name, ms in INTERVALS_MS.items()}
 
 

@@ -37,23 +37,10 @@ from tqdm import tqdm
 from gridstream.common import db
 from gridstream.common.binance import market as bm
 
-CANDLES_TABLE: Final = "candles"
-COLUMNS: Final = (
-    "symbol",
-    "interval",
-    "open_time",
-    "close_time",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "trades",
-    "source",
-)
-KEY: Final = ("symbol", "interval", "open_time")
-UPDATE: Final = ("close_time", "open", "high", "low", "close", "volume", "quote_volume", "trades")
+CANDLES_TABLE: Final = db.CANDLES_TABLE
+COLUMNS: Final = db.CANDLE_COLUMNS
+KEY: Final = db.CANDLE_KEY
+UPDATE: Final = db.CANDLE_UPDATE
 CHUNK_ROWS: Final = 50_000
 SOURCE_REST: Final = "rest"
 SOURCE_FILE: Final = "file"
