@@ -24,7 +24,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 import msgspec
@@ -46,6 +46,10 @@ RECENT_SIGNALS = 4096
 LAST_SIGNAL_SCAN = 50
 
 
+#: The engine's defaults are the settings' defaults (one place to change them).
+_DEFAULTS: Final = SignalParams()
+
+
 class SignalsSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of the signals service (env ``GS_<FIELD>``; see :class:`SignalParams`)."""
 
@@ -53,24 +57,24 @@ class SignalsSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_
     interval: str = "1m"
     #: Intervals built from base candles, each with its own signals (env: comma-separated).
     higher_intervals: list[str] = msgspec.field(default_factory=lambda: ["5m", "15m", "1h"])
-    sma_period: int = 20
-    ema_period: int = 20
-    rsi_period: int = 14
-    atr_period: int = 14
-    bb_period: int = 20
-    bb_k: float = 2.0
-    adx_period: int = 14
-    donchian_period: int = 20
-    vol_window: int = 60
-    vwap_window: int = 60
-    trend_lookback: int = 5
-    regime_window: int = 240
-    adx_enter: float = 25.0
-    adx_exit: float = 20.0
-    vol_enter_z: float = 2.0
-    vol_exit_z: float = 1.0
-    min_dwell: int = 5
-    min_warmup: int = 0
+    sma_period: int = _DEFAULTS.sma_period
+    ema_period: int = _DEFAULTS.ema_period
+    rsi_period: int = _DEFAULTS.rsi_period
+    atr_period: int = _DEFAULTS.atr_period
+    bb_period: int = _DEFAULTS.bb_period
+    bb_k: float = _DEFAULTS.bb_k
+    adx_period: int = _DEFAULTS.adx_period
+    donchian_period: int = _DEFAULTS.donchian_period
+    vol_window: int = _DEFAULTS.vol_window
+    vwap_window: int = _DEFAULTS.vwap_window
+    trend_lookback: int = _DEFAULTS.trend_lookback
+    regime_window: int = _DEFAULTS.regime_window
+    adx_enter: float = _DEFAULTS.adx_enter
+    adx_exit: float = _DEFAULTS.adx_exit
+    vol_enter_z: float = _DEFAULTS.vol_enter_z
+    vol_exit_z: float = _DEFAULTS.vol_exit_z
+    min_dwell: int = _DEFAULTS.min_dwell
+    min_warmup: int = _DEFAULTS.min_warmup
     #: Base candles read from Postgres per symbol at start (0: what every interval needs).
     warmup_candles: int = 0
 

@@ -48,6 +48,10 @@ def _parse_map(name: str, items: list[str]) -> dict[str, Decimal]:
     return out
 
 
+#: The engine's defaults are the settings' defaults (one place to change them).
+_DEFAULTS: Final = GridParams()
+
+
 class StrategySettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings of the strategy service (env ``GS_<FIELD>``).
 
@@ -56,14 +60,14 @@ class StrategySettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
     """
 
     interval: str = "1m"
-    levels: int = 3
-    atr_mult: Decimal = Decimal("2")
-    min_spacing_bps: Decimal = Decimal("25")
-    fee_bps: Decimal = Decimal("10")
-    order_quote: Decimal = Decimal("20")
-    tick_size: Decimal = Decimal("0.01")
-    qty_step: Decimal = Decimal("0.00001")
-    cancel_tolerance: Decimal = Decimal("0.5")
+    levels: int = _DEFAULTS.levels
+    atr_mult: Decimal = _DEFAULTS.atr_mult
+    min_spacing_bps: Decimal = _DEFAULTS.min_spacing_bps
+    fee_bps: Decimal = _DEFAULTS.fee_bps
+    order_quote: Decimal = _DEFAULTS.order_quote
+    tick_size: Decimal = _DEFAULTS.tick_size
+    qty_step: Decimal = _DEFAULTS.qty_step
+    cancel_tolerance: Decimal = _DEFAULTS.tolerance
     tick_sizes: list[str] = msgspec.field(default_factory=list)
     step_sizes: list[str] = msgspec.field(default_factory=list)
 
