@@ -751,6 +751,36 @@ class Consumer:
         return reply
 
 
+async def add_dead_letters(
+    redis: aioredis.Redis, group: str, letters: Sequence[tuple[str, str, bytes]]
+) -> int:
+    """Dead-letter input that never was a stream entry (e.g. a malformed exchange frame).
+
+    ``letters`` are ``(source, reason, raw payload)``; the entries have the same fields as
+    the consumer's own dead letters (no entry id, one delivery) and are counted likewise.
+    """
+    if not letters:
+        return 0
+    pipe = redis.pipeline(transaction=False)
+    for source, reason, payload in letters:
+        pipe.xadd(
+            dead_letters(group),
+            {
+                DLQ_STREAM: source,
+                DLQ_ENTRY: b"",
+                DLQ_REASON: reason[:2000],
+                DLQ_DELIVERIES: b"1",
+                DLQ_PAYLOAD: payload,
+            },
+            maxlen=DEAD_LETTER_MAXLEN,
+            approximate=True,
+        )
+    await pipe.execute()
+    for source, reason, _ in letters:
+        metrics.DEAD_LETTERS.labels(group, source, reason.split(":", 1)[0]).inc()
+    return len(letters)
+
+
 async def replay_dead_letters(
     redis: aioredis.Redis, group: str, *, limit: int = 1000, delete: bool = True
 ) -> int:

@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, TypeVar
 
 import asyncpg
-import msgspec
 import redis.asyncio as aioredis
 
 from gridstream.common import db, log, metrics
@@ -194,8 +193,3 @@ def run_service(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a service's async main; Ctrl-C exits quietly."""
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
-
-
-def settings_repr(settings: msgspec.Struct) -> str:
-    """The settings as a loggable string (secrets redacted by the Struct's repr)."""
-    return repr(settings)

@@ -78,11 +78,6 @@ def pattern_all() -> str:
     return f"{PREFIX}:*"
 
 
-def kill_switch_key() -> str:
-    """Redis key mirroring the kill switch (the durable state lives in Postgres)."""
-    return f"{PREFIX}:state:kill_switch"
-
-
 def heartbeat_key(service: Service | str, replica: str) -> str:
     """Redis key each service refreshes with its health (read by ``gridstream status``)."""
     return f"{PREFIX}:health:{service}:{replica}"

@@ -43,22 +43,13 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gridstream.common import codec, db, metrics
 from gridstream.common.binance import market as bm
-from gridstream.common.bus import (
-    DLQ_DELIVERIES,
-    DLQ_ENTRY,
-    DLQ_PAYLOAD,
-    DLQ_REASON,
-    DLQ_STREAM,
-    Outgoing,
-)
+from gridstream.common.bus import Outgoing, add_dead_letters
 from gridstream.common.messages import Candle, Tick
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.settings import CommonSettings
 from gridstream.common.streams import (
-    DEAD_LETTER_MAXLEN,
     Kind,
     Service,
-    dead_letters,
     stream,
 )
 from gridstream.ingestor.engine import CandleCheck, Gap, Halt, IngestEngine, find_halts
@@ -524,28 +515,13 @@ class Ingestor:
         return found
 
     async def dead_letter(self, bad: Sequence[bm.MalformedFrame]) -> None:
-        target = dead_letters(SERVICE)
-        pipe = self.rt.redis.pipeline(transaction=False)
-        for exc in bad:
-            source = exc.stream or WS_TARGET
-            pipe.xadd(
-                target,
-                {
-                    DLQ_STREAM: source,
-                    DLQ_ENTRY: b"",
-                    DLQ_REASON: f"{DLQ_REASON_MALFORMED}: {exc.reason}"[:2000],
-                    DLQ_DELIVERIES: b"1",
-                    DLQ_PAYLOAD: exc.raw,
-                },
-                maxlen=DEAD_LETTER_MAXLEN,
-                approximate=True,
-            )
-            log.warning("dead-lettered a malformed frame from %s: %s", source, exc.reason)
-        await pipe.execute()
-        for exc in bad:
-            metrics.DEAD_LETTERS.labels(
-                SERVICE.value, exc.stream or WS_TARGET, DLQ_REASON_MALFORMED
-            ).inc()
+        letters = [
+            (exc.stream or WS_TARGET, f"{DLQ_REASON_MALFORMED}: {exc.reason}", exc.raw)
+            for exc in bad
+        ]
+        for source, reason, _ in letters:
+            log.warning("dead-lettered a malformed frame from %s: %s", source, reason)
+        await add_dead_letters(self.rt.redis, SERVICE.value, letters)
         self.dead_lettered += len(bad)
 
     # -- catch-up ---------------------------------------------------------------------------
