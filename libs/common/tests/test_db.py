@@ -48,9 +48,16 @@ async def test_migrations_apply_once_in_order(database_url):
     conn = await asyncpg.connect(database_url)
     try:
         assert await db.migrate(conn) == []  # the fixture applied them already
-        names = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")]
-        assert names == [n for n, _ in db.migration_files()]
-        assert names == sorted(names)
+        names = [
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT name FROM schema_migrations ORDER BY applied_at, name"
+            )
+        ]
+        numbered = [n for n, _ in db.migration_files()]
+        assert numbered == sorted(numbered)
+        # numbered ones in order, then the repeatable ones
+        assert names == numbered + [n for n, _ in db.repeatable_migrations()]
         tables = {
             r["tablename"]
             for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")

@@ -35,6 +35,7 @@ from test_executor import (
 
 from gridstream.common import db
 from gridstream.common.binance import trading as bt
+from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import OrderFilled
 from gridstream.executor.main import EXIT_TASK_DIED
 from gridstream.executor.service import MALFORMED_EVENTS
@@ -138,7 +139,9 @@ async def test_fill_write_failure_exits_nonzero_and_restart_records_it_once(
             "SELECT status, filled_qty FROM orders WHERE client_order_id = $1",
             order.client_order_id,
         )
-        assert [(r["status"], r["filled_qty"]) for r in rows] == [("filled", D("0.0005"))]
+        assert [(r["status"], r["filled_qty"]) for r in rows] == [
+            (LedgerStatus.FILLED, D("0.0005"))
+        ]
     finally:
         await ex.stop()
 
@@ -225,7 +228,7 @@ async def test_reconciliation_finds_a_missed_fill_below_later_fills(
 
         async def both_filled() -> bool:
             rows = await fetch(database_url, "SELECT status FROM orders")
-            return len(rows) == 2 and all(r["status"] == "filled" for r in rows)
+            return len(rows) == 2 and all(r["status"] == LedgerStatus.FILLED for r in rows)
 
         await wait_for(both_filled, what="both orders filled")
     finally:
@@ -239,7 +242,7 @@ async def test_reconciliation_finds_a_missed_fill_below_later_fills(
     await sql(
         database_url,
         f"DELETE FROM fills WHERE client_order_id = '{a.client_order_id}'",
-        "UPDATE orders SET status = 'accepted', filled_qty = 0"
+        f"UPDATE orders SET status = '{LedgerStatus.ACCEPTED}', filled_qty = 0"
         f" WHERE client_order_id = '{a.client_order_id}'",
     )
     ex = await start_executor(settings)
@@ -251,7 +254,7 @@ async def test_reconciliation_finds_a_missed_fill_below_later_fills(
             a.client_order_id,
         )
         assert [(r["status"], r["filled_qty"], int(r["trade_id"])) for r in rows] == [
-            ("filled", D("0.0005"), trades[a.client_order_id])
+            (LedgerStatus.FILLED, D("0.0005"), trades[a.client_order_id])
         ]
         assert len(await fetch(database_url, "SELECT * FROM fills")) == 2
     finally:

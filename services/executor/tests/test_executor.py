@@ -18,8 +18,11 @@ import redis.asyncio as aioredis
 from gridstream.common import codec
 from gridstream.common.binance.trading import TradingClient
 from gridstream.common.bus import Producer
+from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import (
+    Actions,
     AnyMessage,
+    IntentAction,
     OrderAccepted,
     OrderApproved,
     OrderCanceled,
@@ -155,7 +158,11 @@ async def wait_for(
 
 
 def approved(
-    side: Side, price: Decimal, qty: str, coid: str | None = None, action: str = "place"
+    side: Side,
+    price: Decimal,
+    qty: str,
+    coid: str | None = None,
+    action: IntentAction = Actions.PLACE,
 ) -> OrderApproved:
     n = next(_n)
     return OrderApproved(
@@ -221,10 +228,10 @@ async def test_place_writes_row_first_and_duplicate_is_not_resent(
 
         async def accepted() -> bool:
             rows = await fetch(database_url, "SELECT status FROM orders")
-            return [r["status"] for r in rows] == ["accepted"]
+            return [r["status"] for r in rows] == [LedgerStatus.ACCEPTED]
 
         await wait_for(accepted, what="order accepted")
-        assert venue.rows_at_send == [(order.client_order_id, "pending")]
+        assert venue.rows_at_send == [(order.client_order_id, LedgerStatus.PENDING)]
         # The same approval again (at-least-once redelivery) and a second approval with the
         # same client order id: neither reaches the venue again.
         again = approved("BUY", order.price, "0.0005", coid=order.client_order_id)
@@ -250,7 +257,9 @@ async def test_place_writes_row_first_and_duplicate_is_not_resent(
         # cancel it: the venue cancels, the ledger says canceled, OrderCanceled published
         await send(
             redis_url,
-            approved("BUY", order.price, "0.0005", coid=order.client_order_id, action="cancel"),
+            approved(
+                "BUY", order.price, "0.0005", coid=order.client_order_id, action=Actions.CANCEL
+            ),
         )
 
         async def canceled() -> bool:
@@ -258,7 +267,7 @@ async def test_place_writes_row_first_and_duplicate_is_not_resent(
 
         await wait_for(canceled, what="order canceled")
         rows = await fetch(database_url, "SELECT status FROM orders")
-        assert rows[0]["status"] == "canceled"
+        assert rows[0]["status"] == LedgerStatus.CANCELED
         assert not venue_orders[0].is_open
     finally:
         await ex.stop()
@@ -285,7 +294,7 @@ async def test_rejected_order_fails_and_fill_lands_once(
         assert len(failed) == 1
         assert failed[0].code == -1013  # type: ignore[attr-defined]
         rows = {r["client_order_id"]: r for r in await fetch(database_url, "SELECT * FROM orders")}
-        assert rows[bad.client_order_id]["status"] == "failed"
+        assert rows[bad.client_order_id]["status"] == LedgerStatus.FAILED
 
         async def order_filled() -> bool:
             r = await fetch(
@@ -293,7 +302,7 @@ async def test_rejected_order_fails_and_fill_lands_once(
                 "SELECT status FROM orders WHERE client_order_id = $1",
                 crossing.client_order_id,
             )
-            return r[0]["status"] == "filled"
+            return r[0]["status"] == LedgerStatus.FILLED
 
         await wait_for(order_filled, what="order filled")
         sim_fills = [f for f in sim.sim.engine.fills if f.symbol == SYMBOL]
@@ -331,11 +340,12 @@ async def test_restart_reconciliation_inserts_fill_made_while_down(
         await conn.execute(
             "INSERT INTO orders (client_order_id, intent_id, venue, symbol, side, price, qty,"
             " status, ts_created, ts_updated) VALUES ($1,'i-1','simulator',$2,'BUY',$3,$4,"
-            "'pending',1,1)",
+            "$5,1,1)",
             coid,
             SYMBOL,
             price,
             D("0.0005"),
+            LedgerStatus.PENDING,
         )
     finally:
         await conn.close()
@@ -356,7 +366,7 @@ async def test_restart_reconciliation_inserts_fill_made_while_down(
         row = (await fetch(database_url, "SELECT * FROM orders WHERE client_order_id = $1", coid))[
             0
         ]
-        assert row["status"] == "filled"
+        assert row["status"] == LedgerStatus.FILLED
         assert row["filled_qty"] == D("0.0005")
         assert row["venue_order_id"] is not None
         published = [m for m in await executions(redis_url) if isinstance(m, OrderFilled)]

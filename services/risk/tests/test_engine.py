@@ -9,6 +9,8 @@ import pytest
 
 from gridstream.common.binance.filters import SymbolFilters
 from gridstream.common.messages import (
+    Actions,
+    IntentAction,
     OrderAccepted,
     OrderApproved,
     OrderCanceled,
@@ -50,7 +52,7 @@ def intent(
     qty: str = "0.001",
     *,
     symbol: str = "BTCUSDT",
-    action: str = "place",
+    action: IntentAction = Actions.PLACE,
     coid: str | None = None,
     intent_id: str | None = None,
 ) -> OrderIntent:
@@ -183,11 +185,13 @@ def test_same_client_order_id_from_new_intent_not_double_counted() -> None:
 def test_cancel_known_order_approved_unknown_rejected() -> None:
     e = engine()
     e.on_intent(intent(coid="o1"))
-    v = e.on_intent(intent(action="cancel", coid="o1"))
+    v = e.on_intent(intent(action=Actions.CANCEL, coid="o1"))
     assert isinstance(v, OrderApproved)
-    assert v.action == "cancel"
+    assert v.action == Actions.CANCEL
     assert "o1" in e.open_orders  # only the venue's cancel removes it
-    assert rejected_reason(e.on_intent(intent(action="cancel", coid="nope"))) == "UNKNOWN_ORDER"
+    assert (
+        rejected_reason(e.on_intent(intent(action=Actions.CANCEL, coid="nope"))) == "UNKNOWN_ORDER"
+    )
 
 
 def test_executions_update_open_orders() -> None:
@@ -212,7 +216,7 @@ def test_executions_update_open_orders() -> None:
             ts_init=1,
             symbol="BTCUSDT",
             client_order_id="o3",
-            action="place",
+            action=Actions.PLACE,
             code=-2010,
             reason="x",
         )
@@ -302,7 +306,7 @@ def test_accept_after_cancel_or_failure_does_not_reopen() -> None:
             ts_init=1,
             symbol="BTCUSDT",
             client_order_id="f1",
-            action="place",
+            action=Actions.PLACE,
             code=-2010,
             reason="x",
         )

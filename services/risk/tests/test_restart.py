@@ -9,6 +9,7 @@ import asyncpg
 from test_duplicate_fills import publish, running_risk
 from test_wiring import intent, venue_url, verdicts
 
+from gridstream.common.ledger import RiskVerdict
 from gridstream.common.messages import AnyMessage, OrderApproved, OrderRejected
 from gridstream.common.streams import Kind
 
@@ -37,7 +38,9 @@ async def test_restart_counts_approvals_not_yet_placed(
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch("SELECT intent_id, verdict, qty FROM risk_verdicts")
-        assert [(r["intent_id"], r["verdict"]) for r in rows] == [(near_limit.id, "approved")]
+        assert [(r["intent_id"], r["verdict"]) for r in rows] == [
+            (near_limit.id, RiskVerdict.APPROVED)
+        ]
         assert await conn.fetch("SELECT * FROM orders") == []  # the executor has not placed it
     finally:
         await conn.close()

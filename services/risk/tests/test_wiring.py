@@ -14,7 +14,15 @@ import redis.asyncio as aioredis
 
 from gridstream.common import codec, metrics
 from gridstream.common.bus import Producer
-from gridstream.common.messages import AnyMessage, OrderApproved, OrderIntent, OrderRejected
+from gridstream.common.ledger import LedgerStatus
+from gridstream.common.messages import (
+    Actions,
+    AnyMessage,
+    IntentAction,
+    OrderApproved,
+    OrderIntent,
+    OrderRejected,
+)
 from gridstream.common.runtime import Runtime
 from gridstream.common.streams import Kind, Service, stream
 from gridstream.risk.main import run
@@ -38,7 +46,12 @@ async def venue_url() -> AsyncIterator[str]:
 
 
 def intent(
-    n: int, side: str, price: str, qty: str, action: str = "place", coid: str | None = None
+    n: int,
+    side: str,
+    price: str,
+    qty: str,
+    action: IntentAction = Actions.PLACE,
+    coid: str | None = None,
 ) -> OrderIntent:
     return OrderIntent(
         id=f"intent-{n}",
@@ -78,8 +91,9 @@ async def seed(database_url: str) -> None:
         await conn.execute(
             "INSERT INTO orders (client_order_id, intent_id, venue, symbol, side, price, qty,"
             " status, ts_created, ts_updated) VALUES"
-            " ('open-1','i','simulator',$1,'BUY',60000,0.001,'accepted',1,1)",
+            " ('open-1','i','simulator',$1,'BUY',60000,0.001,$2,1,1)",
             SYMBOL,
+            LedgerStatus.ACCEPTED,
         )
     finally:
         await conn.close()
@@ -111,7 +125,7 @@ async def test_risk_service_end_to_end(venue_url: str, redis_url: str, database_
         # then 100 + 110 + 50 = 260 > 250 -> MAX_EXPOSURE
         too_much = intent(2, "BUY", "50000", "0.001")
         sell = intent(3, "SELL", "80000", "0.003")  # holds only 0.002
-        cancel = intent(4, "BUY", "60000", "0.001", action="cancel", coid="open-1")
+        cancel = intent(4, "BUY", "60000", "0.001", action=Actions.CANCEL, coid="open-1")
         client = aioredis.Redis.from_url(redis_url)
         try:
             await Producer(client).publish(
@@ -132,7 +146,7 @@ async def test_risk_service_end_to_end(venue_url: str, redis_url: str, database_
             ("OrderApproved", ""),
         ]
         assert got[0].id == got[4].id  # same intent twice -> same verdict id
-        assert isinstance(got[3], OrderApproved) and got[3].action == "cancel"
+        assert isinstance(got[3], OrderApproved) and got[3].action == Actions.CANCEL
         assert isinstance(got[1], OrderRejected)
         assert rejections("MAX_EXPOSURE") == before + 1
     finally:

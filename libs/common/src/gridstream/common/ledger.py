@@ -1,20 +1,60 @@
-"""Ledger vocabulary shared by every service that reads or writes the Postgres ledger."""
+"""Ledger vocabulary shared by every service that reads or writes the Postgres ledger.
+
+Each enum here is the one definition of the values a ledger column may hold: code uses
+the members, and the migrations render the same enums into their SQL (``{{LedgerStatus}}``
+-> ``'pending', 'accepted', ...``; see :mod:`gridstream.common.db`), so the CHECK
+constraints in the database are the enums, never a second copy. Adding a value here is
+all it takes: the repeatable migration ``R__vocabulary.sql`` re-renders and is applied
+again at the next start.
+"""
 
 from __future__ import annotations
 
-from typing import Final
+from enum import StrEnum, nonmember
+
+from gridstream.common.messages import Actions, IntentAction
 
 
-class LedgerStatus:
-    """Order status values in the Postgres ``orders`` table (written by the executor)."""
+class LedgerStatus(StrEnum):
+    """``orders.status``: where an order stands (written by the executor)."""
 
-    PENDING: Final = "pending"  # row written, request not (yet) answered
-    ACCEPTED: Final = "accepted"
-    PARTIALLY_FILLED: Final = "partially_filled"
-    FILLED: Final = "filled"
-    CANCELED: Final = "canceled"
-    FAILED: Final = "failed"
-    UNKNOWN: Final = "unknown"  # outcome unknown; the executor reconciles it
+    PENDING = "pending"  # row written, request not (yet) answered
+    ACCEPTED = "accepted"
+    PARTIALLY_FILLED = "partially_filled"
+    FILLED = "filled"
+    CANCELED = "canceled"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # outcome unknown; the executor reconciles it
 
     #: Statuses of an order that may still rest on the book.
-    OPEN: Final = (PENDING, ACCEPTED, PARTIALLY_FILLED, UNKNOWN)
+    OPEN = nonmember((PENDING, ACCEPTED, PARTIALLY_FILLED, UNKNOWN))
+
+
+class OrderEventKind(StrEnum):
+    """``order_events.kind``: what happened to an order, one row per event.
+
+    ``detail`` holds, by kind: the venue trade id (``fill``), the filled quantity when
+    canceled (``canceled``), ``"<code> <reason>"`` of the refusal (``*_failed``).
+    """
+
+    ACCEPTED = "accepted"
+    FILL = "fill"
+    CANCELED = "canceled"
+    PLACE_FAILED = "place_failed"
+    CANCEL_FAILED = "cancel_failed"
+
+    @classmethod
+    def failed(cls, action: IntentAction) -> OrderEventKind:
+        """The kind recorded when the venue refused a request of ``action``."""
+        return cls.PLACE_FAILED if action == Actions.PLACE else cls.CANCEL_FAILED
+
+
+class RiskVerdict(StrEnum):
+    """``risk_verdicts.verdict``: what risk answered to an intent.
+
+    (Named apart from the risk engine's ``Verdict``, the message union
+    ``OrderApproved | OrderRejected`` these values stand for.)
+    """
+
+    APPROVED = "approved"
+    REJECTED = "rejected"

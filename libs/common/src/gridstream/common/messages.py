@@ -29,6 +29,15 @@ Liquidity: TypeAlias = Literal["maker", "taker"]
 Regime: TypeAlias = Literal["warmup", "range", "trend_up", "trend_down", "high_volatility"]
 
 
+class Actions:
+    """The :data:`IntentAction` values by name; code and SQL (``{{IntentAction.PLACE}}``)
+    use these, never the strings; a test holds them equal to the type.
+    """
+
+    PLACE: Final = "place"
+    CANCEL: Final = "cancel"
+
+
 class Tags:
     """The stable wire tags, defined once."""
 

@@ -51,9 +51,11 @@ from redis.exceptions import RedisError
 from gridstream.common import codec, metrics
 from gridstream.common.binance import trading as bt
 from gridstream.common.bus import Delivery, Outgoing, Producer, RetryLater
-from gridstream.common.ledger import LedgerStatus
+from gridstream.common.ledger import LedgerStatus, OrderEventKind
 from gridstream.common.messages import (
+    Actions,
     AnyMessage,
+    IntentAction,
     OrderAccepted,
     OrderApproved,
     OrderCanceled,
@@ -151,7 +153,7 @@ class Executor:
                     # the user stream dropped or died while this batch was in hand
                     raise Stopping("venue events not followed; not sending")
                 try:
-                    if msg.action == "place":
+                    if msg.action == Actions.PLACE:
                         out.extend(await self.place(msg))
                     else:
                         out.extend(await self.cancel(msg))
@@ -210,7 +212,7 @@ class Executor:
         return await self._send_place(msg)
 
     async def _send_place(self, msg: OrderApproved) -> list[Outgoing]:
-        metrics.ORDERS.labels(self.service, msg.symbol, "place").inc()
+        metrics.ORDERS.labels(self.service, msg.symbol, Actions.PLACE).inc()
         try:
             order = await self.venue.place(
                 symbol=msg.symbol,
@@ -233,7 +235,7 @@ class Executor:
             return await self._record_placed(found)
         except (bt.RejectedError, bt.AuthError, bt.UnknownOrderError) as exc:
             log.warning("venue refused %s: %s", msg.client_order_id, exc)
-            return await self._record_failed(msg.symbol, msg.client_order_id, "place", exc)
+            return await self._record_failed(msg.symbol, msg.client_order_id, Actions.PLACE, exc)
         return await self._record_placed(order)
 
     async def _record_placed(self, order: bt.VenueOrder) -> list[Outgoing]:
@@ -252,7 +254,12 @@ class Executor:
                 now,
             )
             await self._event(
-                conn, accepted.id, order.client_order_id, "accepted", "", accepted.ts_event
+                conn,
+                accepted.id,
+                order.client_order_id,
+                OrderEventKind.ACCEPTED,
+                "",
+                accepted.ts_event,
             )
         out = [_out(accepted, order.symbol)]
         if status == LedgerStatus.CANCELED:
@@ -263,7 +270,7 @@ class Executor:
         self,
         symbol: str,
         client_order_id: str,
-        action: str,
+        action: IntentAction,
         exc: bt.BinanceError,
         *,
         outbox: bool = False,
@@ -273,13 +280,13 @@ class Executor:
         failed = bt.order_failed(
             symbol=symbol,
             client_order_id=client_order_id,
-            action="place" if action == "place" else "cancel",
+            action=action,
             error=exc,
             ts_event=now,
             ts_init=now,
         )
         async with self.pool.acquire() as conn, conn.transaction():
-            if action == "place":
+            if action == Actions.PLACE:
                 await conn.execute(
                     "UPDATE orders SET status = $2, ts_updated = $3 WHERE client_order_id = $1"
                     " AND status = ANY($4::text[])",
@@ -292,7 +299,7 @@ class Executor:
                 conn,
                 failed.id,
                 client_order_id,
-                f"{action}_failed",
+                OrderEventKind.failed(action),
                 f"{exc.code} {exc.msg}",
                 now,
                 failed if outbox else None,
@@ -308,13 +315,14 @@ class Executor:
             async with self.pool.acquire() as conn:
                 detail = await conn.fetchval(
                     "SELECT detail FROM order_events WHERE client_order_id = $1"
-                    " AND kind = 'place_failed' ORDER BY ts_event DESC LIMIT 1",
+                    " AND kind = $2 ORDER BY ts_event DESC LIMIT 1",
                     row["client_order_id"],
+                    OrderEventKind.PLACE_FAILED,
                 )
             code_s, _, reason = str(detail or "0 failed").partition(" ")
             code = int(code_s) if code_s.lstrip("-").isdigit() else 0
             return await self._record_failed(
-                symbol, row["client_order_id"], "place", bt.RejectedError(code, reason)
+                symbol, row["client_order_id"], Actions.PLACE, bt.RejectedError(code, reason)
             )
         order = self._venue_order_from_row(row)
         if status == LedgerStatus.CANCELED:
@@ -347,7 +355,7 @@ class Executor:
             return await self._record_failed(
                 msg.symbol,
                 msg.client_order_id,
-                "cancel",
+                Actions.CANCEL,
                 bt.UnknownOrderError(bt.CODE_CANCEL_REJECTED, "no such order in the ledger"),
             )
         if row["status"] == LedgerStatus.CANCELED:
@@ -356,10 +364,10 @@ class Executor:
             return await self._record_failed(
                 msg.symbol,
                 msg.client_order_id,
-                "cancel",
+                Actions.CANCEL,
                 bt.UnknownOrderError(bt.CODE_CANCEL_REJECTED, f"order is {row['status']}"),
             )
-        metrics.ORDERS.labels(self.service, msg.symbol, "cancel").inc()
+        metrics.ORDERS.labels(self.service, msg.symbol, Actions.CANCEL).inc()
         order: bt.VenueOrder | None
         try:
             order = await self.venue.cancel(symbol=msg.symbol, client_order_id=msg.client_order_id)
@@ -379,7 +387,7 @@ class Executor:
                     return await self._record_failed(
                         msg.symbol,
                         msg.client_order_id,
-                        "cancel",
+                        Actions.CANCEL,
                         bt.UnknownOrderError(
                             bt.CODE_CANCEL_REJECTED, "order unknown to the venue; unresolved"
                         ),
@@ -394,7 +402,7 @@ class Executor:
             if order is None or order.is_open:
                 raise OutcomeStillUnknown(f"cancel of {msg.client_order_id}: {exc}") from exc
         except (bt.RejectedError, bt.AuthError) as exc:
-            return await self._record_failed(msg.symbol, msg.client_order_id, "cancel", exc)
+            return await self._record_failed(msg.symbol, msg.client_order_id, Actions.CANCEL, exc)
         if order.status in bt.CLOSED_CANCELED_STATUSES:
             return await self._record_canceled(order)
         if order.status == "FILLED":
@@ -402,7 +410,7 @@ class Executor:
             return await self._record_failed(
                 msg.symbol,
                 msg.client_order_id,
-                "cancel",
+                Actions.CANCEL,
                 bt.UnknownOrderError(bt.CODE_CANCEL_REJECTED, "order already filled"),
             )
         raise OutcomeStillUnknown(f"cancel of {msg.client_order_id}: still {order.status}")
@@ -461,7 +469,7 @@ class Executor:
         conn: asyncpg.Connection,
         event_id: str,
         coid: str,
-        kind: str,
+        kind: OrderEventKind,
         detail: str,
         ts: int,
         outbox: AnyMessage | None = None,
@@ -521,7 +529,12 @@ class Executor:
                 now,
             )
             await self._event(
-                conn, fill.id, fill.client_order_id, "fill", fill.trade_id, fill.ts_event
+                conn,
+                fill.id,
+                fill.client_order_id,
+                OrderEventKind.FILL,
+                fill.trade_id,
+                fill.ts_event,
             )
         metrics.FILLS.labels(self.service, fill.symbol).inc()
         return True
@@ -539,7 +552,7 @@ class Executor:
                 time.time_ns(),
             )
             return await self._event(
-                conn, msg.id, msg.client_order_id, "accepted", "", msg.ts_event, msg
+                conn, msg.id, msg.client_order_id, OrderEventKind.ACCEPTED, "", msg.ts_event, msg
             )
 
     async def _apply_canceled(self, msg: OrderCanceled, *, outbox: bool = True) -> bool:
@@ -556,7 +569,7 @@ class Executor:
                 conn,
                 msg.id,
                 msg.client_order_id,
-                "canceled",
+                OrderEventKind.CANCELED,
                 str(msg.filled_qty),
                 msg.ts_event,
                 msg if outbox else None,
@@ -576,7 +589,7 @@ class Executor:
                 conn,
                 msg.id,
                 msg.client_order_id,
-                "place_failed",
+                OrderEventKind.PLACE_FAILED,
                 f"{msg.code} {msg.reason}",
                 msg.ts_event,
                 msg,
@@ -789,7 +802,7 @@ class Executor:
                     await self._record_failed(
                         symbol,
                         coid,
-                        "place",
+                        Actions.PLACE,
                         bt.UnknownOrderError(
                             bt.CODE_NO_SUCH_ORDER, "order never reached the venue"
                         ),
@@ -804,7 +817,7 @@ class Executor:
                 await self._set_status(coid, LedgerStatus.FILLED, LedgerStatus.OPEN)
             elif found.status == "REJECTED":
                 await self._record_failed(
-                    symbol, coid, "place", bt.RejectedError(0, "REJECTED"), outbox=True
+                    symbol, coid, Actions.PLACE, bt.RejectedError(0, "REJECTED"), outbox=True
                 )
 
     async def _learn_venue_order_id(self, client_order_id: str, venue_order_id: str) -> None:
@@ -826,13 +839,14 @@ class Executor:
                 "  OR (o.status = $4 AND o.filled_qty < o.qty)"
                 "  OR (o.status = $5 AND o.filled_qty < (SELECT MAX(CASE WHEN e.detail"
                 "   ~ '^[0-9]+([.][0-9]+)?$' THEN e.detail::numeric END) FROM order_events e"
-                "   WHERE e.client_order_id = o.client_order_id AND e.kind = 'canceled')))"
+                "   WHERE e.client_order_id = o.client_order_id AND e.kind = $6)))"
                 " ORDER BY o.ts_created",
                 self.name,
                 symbol,
                 list(LedgerStatus.OPEN),
                 LedgerStatus.FILLED,
                 LedgerStatus.CANCELED,
+                OrderEventKind.CANCELED,
             )
         return [(r["client_order_id"], r["venue_order_id"]) for r in rows]
 

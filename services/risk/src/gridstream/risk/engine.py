@@ -35,6 +35,7 @@ from typing import Final
 
 from gridstream.common.binance.filters import SymbolFilters
 from gridstream.common.messages import (
+    Actions,
     OrderAccepted,
     OrderApproved,
     OrderCanceled,
@@ -189,7 +190,7 @@ class RiskEngine:
         if previous is not None:
             return previous
         ts = intent.ts_event if ts_init is None else ts_init
-        if intent.action == "cancel":
+        if intent.action == Actions.CANCEL:
             verdict = self._judge_cancel(intent, ts)
         else:
             verdict = self._judge_place(intent, ts)
@@ -295,7 +296,7 @@ class RiskEngine:
         elif isinstance(msg, OrderCanceled):
             self.open_orders.pop(msg.client_order_id, None)
             self._close(msg.client_order_id, Closed.CANCELED)
-        elif isinstance(msg, OrderFailed) and msg.action == "place":
+        elif isinstance(msg, OrderFailed) and msg.action == Actions.PLACE:
             self.open_orders.pop(msg.client_order_id, None)
             self._close(msg.client_order_id, Closed.FAILED)
 

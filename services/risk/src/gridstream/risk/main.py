@@ -15,8 +15,9 @@ from gridstream.common.binance.filters import SymbolFilters
 from gridstream.common.binance.market import fetch_symbol_filters
 from gridstream.common.binance.trading import fill_id
 from gridstream.common.bus import Delivery, Handler, Outgoing
-from gridstream.common.ledger import LedgerStatus
+from gridstream.common.ledger import LedgerStatus, RiskVerdict
 from gridstream.common.messages import (
+    Actions,
     OrderAccepted,
     OrderApproved,
     OrderCanceled,
@@ -61,7 +62,6 @@ async def fetch_filters(
 
 #: Ledger statuses after which an order can no longer fill.
 TERMINAL = (LedgerStatus.FILLED, LedgerStatus.CANCELED, LedgerStatus.FAILED)
-APPROVED, REJECTED = "approved", "rejected"
 
 
 async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[str]) -> None:
@@ -85,12 +85,13 @@ async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[s
             "SELECT DISTINCT ON (v.client_order_id) v.client_order_id, v.symbol, v.side,"
             " v.price, v.qty - COALESCE(o.filled_qty, 0) AS remaining"
             " FROM risk_verdicts v LEFT JOIN orders o USING (client_order_id)"
-            " WHERE v.symbol = ANY($1::text[]) AND v.verdict = $2 AND v.action = 'place'"
+            " WHERE v.symbol = ANY($1::text[]) AND v.verdict = $2 AND v.action = $4"
             " AND (o.status IS NULL OR NOT o.status = ANY($3::text[]))"
             " ORDER BY v.client_order_id, v.ts_init",
             syms,
-            APPROVED,
+            RiskVerdict.APPROVED,
             list(TERMINAL),
+            Actions.PLACE,
         )
         order_rows = await conn.fetch(
             "SELECT client_order_id, symbol, side, price, qty - filled_qty AS remaining"
@@ -142,7 +143,7 @@ async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[s
 
 def _verdict_of(row: asyncpg.Record) -> Verdict:
     """The verdict message a ``risk_verdicts`` row was written for (same id and fields)."""
-    if row["verdict"] == APPROVED:
+    if row["verdict"] == RiskVerdict.APPROVED:
         return OrderApproved(
             id=verdict_id(row["intent_id"]),
             ts_event=row["ts_event"],
@@ -193,7 +194,7 @@ async def save_verdicts(pool: asyncpg.Pool, judged: Sequence[tuple[OrderIntent, 
             intent.side,
             intent.price,
             intent.qty,
-            REJECTED if rejected else APPROVED,
+            RiskVerdict.REJECTED if rejected else RiskVerdict.APPROVED,
             v.reason if isinstance(v, OrderRejected) else "",
             v.detail if isinstance(v, OrderRejected) else "",
             v.ts_event,

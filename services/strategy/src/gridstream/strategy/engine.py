@@ -35,7 +35,9 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Final
 
 from gridstream.common.messages import (
+    Actions,
     AnyMessage,
+    IntentAction,
     OrderAccepted,
     OrderCanceled,
     OrderFailed,
@@ -248,11 +250,11 @@ class GridEngine:
             self._undo(msg.symbol, msg.client_order_id, msg.action)
         return []
 
-    def _undo(self, symbol: str, coid: str, action: str) -> None:
+    def _undo(self, symbol: str, coid: str, action: IntentAction) -> None:
         order = self.orders.get(symbol, {}).get(coid)
         if order is None:
             return
-        if action == "place":
+        if action == Actions.PLACE:
             self._close(symbol, coid)
         else:
             order.cancel_pending = False
@@ -334,7 +336,7 @@ class GridEngine:
         self._last[symbol] = (signal.open_time, intents)
         for intent in intents:
             orders = self.orders.setdefault(symbol, {})
-            if intent.action == "place":
+            if intent.action == Actions.PLACE:
                 orders[intent.client_order_id] = LiveOrder(
                     intent.client_order_id,
                     symbol,
@@ -373,10 +375,10 @@ class GridEngine:
 
     def _cancel(self, signal: Signal, order: LiveOrder, reason: str) -> OrderIntent:
         return OrderIntent(
-            id=deterministic_id("intent", "cancel", order.client_order_id, signal.open_time),
+            id=deterministic_id("intent", Actions.CANCEL, order.client_order_id, signal.open_time),
             ts_event=signal.ts_event,
             ts_init=signal.ts_init,
-            action="cancel",
+            action=Actions.CANCEL,
             symbol=order.symbol,
             client_order_id=order.client_order_id,
             side=order.side,
@@ -390,10 +392,10 @@ class GridEngine:
     def _place(self, signal: Signal, level: Level) -> OrderIntent:
         coid = client_order_id(signal.symbol, signal.open_time, level.side, level.level)
         return OrderIntent(
-            id=deterministic_id("intent", "place", coid),
+            id=deterministic_id("intent", Actions.PLACE, coid),
             ts_event=signal.ts_event,
             ts_init=signal.ts_init,
-            action="place",
+            action=Actions.PLACE,
             symbol=signal.symbol,
             client_order_id=coid,
             side=level.side,

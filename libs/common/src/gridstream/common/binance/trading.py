@@ -28,6 +28,7 @@ import msgspec
 
 from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import (
+    Actions,
     IntentAction,
     OrderAccepted,
     OrderCanceled,
@@ -504,7 +505,7 @@ def parse_execution_report(
             ts_init=ts_init,
             symbol=symbol,
             client_order_id=client_order_id,
-            action="place",
+            action=Actions.PLACE,
             code=0,
             reason=str(ev.get("r") or "REJECTED"),
         )
