@@ -80,7 +80,7 @@ async def ingestor_rate(url: str, frames: list[bytes], batch: int, profile: bool
         symbols=[SYMBOL],
         metrics_port=0,
         log_format="text",
-        stream_maxlen=len(frames) + 10,
+        stream_maxlen_ticks=len(frames) + 10,
     )
     rt = Runtime(Service.INGESTOR, settings)
     await rt.start(database=False)

@@ -23,7 +23,7 @@ from .factories import candle, tick
 
 IN = S.stream(S.Kind.TICKS, "BTCUSDT")
 IN2 = S.stream(S.Kind.TICKS, "ETHUSDT")
-OUT = S.stream(S.Kind.CANDLES, "BTCUSDT")
+OUT = "gs:test:out"  # a stream of no kind: it takes any message
 GROUP = "testsvc"
 
 
@@ -48,14 +48,17 @@ def consumer(r, name="c1", handler=echo, **kw) -> Consumer:
     return Consumer(r, group=GROUP, consumer=name, streams=[IN], handler=handler, **opts)
 
 
-async def drain(c: Consumer, rounds: int = 50) -> None:
-    """Run the consumer until it is idle with nothing of its own pending (or rounds end)."""
+async def drain(c: Consumer, timeout_s: float = 60.0) -> None:
+    """Run the consumer until it is idle with nothing of its own pending (or fail at the
+    deadline): no fixed number of passes, so back-offs and one-by-one re-reads finish."""
     idle = 0
-    for _ in range(rounds):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         n = await c.run_once()
         idle = idle + 1 if n == 0 else 0
-        if idle >= 3 and not await _own_pending(c):
+        if idle >= 2 and not await _own_pending(c):
             return
+    raise AssertionError(f"consumer {c.consumer} did not drain within {timeout_s}s")
 
 
 async def _own_pending(c: Consumer) -> int:
@@ -139,8 +142,8 @@ async def test_killed_replica_is_taken_over_by_another(r, redis_url):
     pending = await r.xpending(IN, GROUP)
     assert pending["pending"] == 120
     assert {c["name"] for c in pending["consumers"]} == {b"victim"}
-    time.sleep(0.3)
-    survivor = consumer(r, name="survivor", claim_idle_ms=200, claim_interval_s=0.0)
+    await age(r, "victim", 120_000)
+    survivor = consumer(r, name="survivor", claim_idle_ms=60_000, claim_interval_s=0.0)
     await drain(survivor)
     got = await out_ids(r)
     assert sorted(got) == sorted(m.id for m in msgs)
@@ -182,7 +185,7 @@ async def test_poison_entry_fails_n_times_then_dead_letters_and_order_is_kept(r)
     await Producer(r).publish([(IN, m) for m in msgs])
     c = consumer(r, handler=handler, max_deliveries=3)
     await c.ensure_groups()
-    await drain(c, rounds=100)
+    await drain(c)
     dead = await r.xrange(S.dead_letters(GROUP))
     assert len(dead) == 1
     assert dead[0][1][bus.DLQ_REASON].decode() == "handler: ValueError: cannot handle this one"
@@ -229,9 +232,9 @@ async def test_every_xadd_is_bounded(r):
     for _ in range(5):
         await p.publish([(IN, m) for m in ticks(1000)])
     assert 1000 <= await r.xlen(IN) < 2500
-    c = consumer(r, maxlen=500)
+    c = consumer(r, bounds={S.Kind.TICKS: 500})
     await c.ensure_groups()
-    await drain(c, rounds=200)
+    await drain(c)
     assert 500 <= await r.xlen(OUT) < 1500
 
 
@@ -375,11 +378,12 @@ async def test_manual_mode_does_not_reread_held_entries_while_running(r):
     await drain(c)
     assert h.ids() == [m.id for m in msgs[:5]]
     await Producer(r).publish([(IN, m) for m in msgs[5:]])
-    await c.run_once()  # 5, 6, 7 read; 6 fails: 5 held, 7 left pending behind it
-    assert h.ids() == [m.id for m in msgs[:6]]
+    await c.run_once()  # 5, 6, 7 read together; 6 fails: nothing of that call is held
+    assert h.ids() == [m.id for m in msgs[:5]]
     h.fail_ids.clear()
     await drain(c)
-    # only 6 and 7 came back from the pending history, in order, once each
+    # 5, 6 and 7 came back from the pending history, in order, once each; the five held
+    # entries were never handed to the handler again
     assert h.ids() == [m.id for m in msgs]
     assert c.held == 8 and await pending_of(r) == 8
     await c.ack(h.got)
@@ -407,36 +411,43 @@ async def test_manual_mode_held_entries_are_reread_after_a_crash(r):
     assert await pending_of(r) == 0
 
 
+async def age(r, consumer_name: str, idle_ms: int) -> None:
+    """Make every pending entry of ``consumer_name`` look idle for ``idle_ms`` (XCLAIM IDLE,
+    JUSTID: owner and delivery count unchanged), instead of waiting that long."""
+    rows = await r.xpending_range(
+        IN, GROUP, min="-", max="+", count=1000, consumername=consumer_name
+    )
+    ids = [row["message_id"] for row in rows]
+    if ids:
+        await r.xclaim(IN, GROUP, consumer_name, 0, ids, idle=idle_ms, justid=True)
+
+
 async def test_manual_mode_another_replica_claims_held_entries_only_after_idle(r):
     msgs = ticks(5)
     await Producer(r).publish([(IN, m) for m in msgs])
     a_h, b_h = Holder(), Holder()
-    # A touches its own entries on every pass (claim tick every time)
-    # batch size 2: touching and claiming both go page by page
-    opts = {"claim_interval_s": 0.0, "claim_idle_ms": 400, "batch_size": 2}
+    # claim tick on every pass; batch size 2: touching and claiming both go page by page
+    opts = {"claim_interval_s": 0.0, "claim_idle_ms": 60_000, "batch_size": 2}
     a = manual(r, name="a", handler=a_h, **opts)
     b = manual(r, name="b", handler=b_h, **opts)
     await a.ensure_groups()
     await drain(a)
     assert a.held == 5
-    # while A is alive (it keeps touching what it holds), B takes nothing
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        await a.run_once()
-        await b.run_once()
-        await asyncio.sleep(0.05)
+    # A is alive: its claim tick touches what it holds, so B takes nothing even though
+    # the entries had been idle for two minutes
+    await age(r, "a", 120_000)
+    await a.run_once()
+    await b.run_once()
     assert b_h.got == [] and await pending_of(r, "a") == 5
     # touching counts no delivery
     rows = await r.xpending_range(IN, GROUP, min="-", max="+", count=10)
     assert {int(row["times_delivered"]) for row in rows} == {1}
-    # A dies; B claims its entries only once they have been idle claim_idle_ms
-    await asyncio.sleep(0.1)
-    await b.run_once()
-    assert b_h.got == []
-    await asyncio.sleep(0.4)
-    await b.run_once()
+    # A dies (no more touching); once its entries are idle past claim_idle_ms, B has them
+    await age(r, "a", 120_000)
+    await drain(b)
     assert b_h.ids() == [m.id for m in msgs]
     assert b.held == 5 and await pending_of(r, "b") == 5 and await pending_of(r) == 5
+    assert [d.deliveries for d in b_h.got] == [2] * 5  # one delivery to A, one to B
     await b.ack(b_h.got)
     assert await pending_of(r) == 0
 
@@ -511,7 +522,7 @@ async def test_retry_later_is_never_dead_lettered_and_keeps_order(r):
     await Producer(r).publish([(IN, m) for m in msgs])
     c = consumer(r, handler=handler, max_deliveries=2)
     await c.ensure_groups()
-    await drain(c, rounds=100)
+    await drain(c)
     assert await r.xlen(S.dead_letters(GROUP)) == 0
     assert await out_ids(r) == [m.id for m in msgs]
 
@@ -533,7 +544,7 @@ async def test_only_the_failing_head_entry_accumulates_deliveries(r):
     await Producer(r).publish([(IN, m) for m in msgs])
     c = consumer(r, handler=handler, max_deliveries=4)
     await c.ensure_groups()
-    await drain(c, rounds=100)
+    await drain(c)
     dead = await r.xrange(S.dead_letters(GROUP))
     assert [codec.decode(f[bus.DLQ_PAYLOAD]).id for _, f in dead] == [poison.id]
     assert int(dead[0][1][bus.DLQ_DELIVERIES]) == 4

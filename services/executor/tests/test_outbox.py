@@ -69,7 +69,7 @@ STALL_SCRIPT = textwrap.dedent(
     async def main():
         settings = msgspec.json.decode(sys.argv[2], type=ExecutorSettings)
         rt = Runtime(Service.EXECUTOR, settings)
-        rt.producer = Stalling(rt.redis, maxlen=settings.stream_maxlen, service="executor")
+        rt.producer = Stalling(rt.redis, bounds=settings.stream_bounds(), service="executor")
         await run(settings, rt)
 
     asyncio.run(main())
@@ -187,7 +187,7 @@ async def test_failed_publish_is_retried_by_the_running_executor(
         exec_settings(redis_url, database_url, sim.url), outbox_retry_s=0.1
     )
     rt = Runtime(Service.EXECUTOR, settings)
-    producer = FailingOnce(rt.redis, maxlen=settings.stream_maxlen, service="executor")
+    producer = FailingOnce(rt.redis, bounds=settings.stream_bounds(), service="executor")
     rt.producer = producer
     task = asyncio.create_task(run(settings, rt))
     try:

@@ -85,7 +85,6 @@ async def seed(redis_url: str) -> None:
         block_ms=10,
     )
     await signals.ensure_groups()
-    signals._pending_mode = False
     await signals.run_once()  # 3 read and acked
     await redis.xreadgroup(group(Service.SIGNALS), "signals-0", {BTC_CANDLES: ">"}, count=1)
 
@@ -107,7 +106,6 @@ async def seed(redis_url: str) -> None:
         retry_backoff_s=0,
     )
     await risk.ensure_groups()
-    risk._pending_mode = False
     await risk.run_once()
     await redis.set(
         heartbeat_key(Service.RISK.value, "0"),

@@ -110,6 +110,36 @@ EQUITY: Final = Gauge("equity", "Mark-to-market equity in quote currency", names
 DRAWDOWN: Final = Gauge("drawdown", "Drawdown from peak equity (fraction)", namespace=NAMESPACE)
 KILL_SWITCH: Final = Gauge("kill_switch", "1 when the kill switch is tripped", namespace=NAMESPACE)
 UP: Final = Gauge("up", "1 while the service is running", ["service"], namespace=NAMESPACE)
+LOST_ENTRIES: Final = Counter(
+    "lost_entries",
+    "Pending entries trimmed away before the group handled them",
+    ["service", "stream"],
+    namespace=NAMESPACE,
+)
+TRIMMED: Final = Counter(
+    "trimmed_entries",
+    "Entries trimmed once every group had them (XTRIM MINID)",
+    ["service", "stream"],
+    namespace=NAMESPACE,
+)
+STREAM_BLOCKED: Final = Gauge(
+    "stream_blocked",
+    "1 while a stream waits on a failed or postponed entry",
+    ["service", "stream"],
+    namespace=NAMESPACE,
+)
+LEASES_HELD: Final = Gauge(
+    "leases_held",
+    "Leases (symbols, or the active role) this replica holds",
+    ["service", "replica"],
+    namespace=NAMESPACE,
+)
+LEASE_CHANGES: Final = Counter(
+    "lease_changes",
+    "Leases taken, released or lost by this replica",
+    ["service", "event"],
+    namespace=NAMESPACE,
+)
 
 #: The names every service's /metrics must show (checked by the end-to-end test).
 STANDARD_NAMES: Final = (

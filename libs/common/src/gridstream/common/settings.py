@@ -17,6 +17,16 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from gridstream.common.streams import (
+    DEAD_LETTER_KIND,
+    DEFAULT_BOUNDS,
+    DEFAULT_MAX_ENTRY_BYTES,
+    Kind,
+)
+
+#: Default socket timeout of a Redis client (seconds): above the longest blocking read.
+REDIS_SOCKET_TIMEOUT_S: Final = 15.0
+
 ENV_PREFIX: Final = "GS_"
 UNPREFIXED: Final = frozenset({"redis_url", "database_url"})
 SECRET_FIELDS: Final = frozenset({"api_key", "api_secret", "database_url", "redis_url"})
@@ -129,7 +139,9 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     database_url: str = "postgresql://postgres@localhost:5432/gridstream"
     mode: Mode = "replay"
     symbols: list[str] = msgspec.field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
-    replica: str = "0"
+    #: This replica's id, unique per service (a duplicate is refused at start); empty:
+    #: the lowest free id is taken at start (``0``, ``1``, ...).
+    replica: str = ""
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -139,7 +151,26 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_deliveries: int = 5
     claim_idle_ms: int = 60_000
     claim_interval_s: float = 15.0
-    stream_maxlen: int = 100_000
+    #: Hard bound per stream kind (XADD MAXLEN ~): Redis memory's guard. A consumer that
+    #: falls this far behind loses entries, recorded as lost (metric and log line).
+    stream_maxlen_ticks: int = DEFAULT_BOUNDS[Kind.TICKS]
+    stream_maxlen_candles: int = DEFAULT_BOUNDS[Kind.CANDLES]
+    stream_maxlen_signals: int = DEFAULT_BOUNDS[Kind.SIGNALS]
+    stream_maxlen_intents: int = DEFAULT_BOUNDS[Kind.INTENTS]
+    stream_maxlen_orders: int = DEFAULT_BOUNDS[Kind.ORDERS]
+    stream_maxlen_executions: int = DEFAULT_BOUNDS[Kind.EXECUTIONS]
+    stream_maxlen_dead_letters: int = DEFAULT_BOUNDS[DEAD_LETTER_KIND]
+    #: Entries older than this are trimmed once every consumer group has them (XTRIM
+    #: MINID, never past the oldest entry a group still needs).
+    stream_retention_s: float = 86_400.0
+    #: How often a producing service trims its output streams.
+    stream_trim_interval_s: float = 30.0
+    #: Largest encoded message a producer adds; a larger one is refused.
+    max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
+    #: Symbol and active-replica leases: how long a lease lives unless renewed.
+    lease_ttl_ms: int = 6_000
+    #: Redis socket timeout (seconds); above the longest blocking read.
+    redis_socket_timeout_s: float = REDIS_SOCKET_TIMEOUT_S
     live_trading_confirmed: bool = False
     venue: Literal["simulator", "binance-testnet", "binance"] = "simulator"
     venue_rest_url: str = "http://127.0.0.1:8900"
@@ -152,6 +183,30 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("GS_BATCH_SIZE: must be >= 1")
         if self.max_deliveries < 1:
             raise ValueError("GS_MAX_DELIVERIES: must be >= 1")
+        for name in (
+            "stream_maxlen_ticks",
+            "stream_maxlen_candles",
+            "stream_maxlen_signals",
+            "stream_maxlen_intents",
+            "stream_maxlen_orders",
+            "stream_maxlen_executions",
+            "stream_maxlen_dead_letters",
+            "max_entry_bytes",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{env_name(name)}: must be >= 1")
+        if self.stream_retention_s < 0:
+            raise ValueError("GS_STREAM_RETENTION_S: must be >= 0")
+        if self.stream_trim_interval_s <= 0:
+            raise ValueError("GS_STREAM_TRIM_INTERVAL_S: must be > 0")
+        if self.lease_ttl_ms < 300:
+            raise ValueError("GS_LEASE_TTL_MS: must be >= 300")
+        if self.redis_socket_timeout_s * 1000 <= self.block_ms + 1000:
+            raise ValueError(
+                "GS_REDIS_SOCKET_TIMEOUT_S: must exceed GS_BLOCK_MS by at least one second"
+            )
+        if self.replica and not all(c.isalnum() or c in "-_." for c in self.replica):
+            raise ValueError("GS_REPLICA: letters, digits, '-', '_' and '.' only")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError("GS_METRICS_PORT: must be within 0..65535")
         if self.mode == "live" and not self.live_trading_confirmed:
@@ -176,6 +231,18 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
                 raise ValueError(
                     f"{env_name(name)}: {url} is not a {self.venue} host (GS_VENUE={self.venue})"
                 )
+
+    def stream_bounds(self) -> dict[str, int]:
+        """The hard bound (XADD MAXLEN ~) per stream kind, and for dead letters."""
+        return {
+            Kind.TICKS: self.stream_maxlen_ticks,
+            Kind.CANDLES: self.stream_maxlen_candles,
+            Kind.SIGNALS: self.stream_maxlen_signals,
+            Kind.INTENTS: self.stream_maxlen_intents,
+            Kind.ORDERS: self.stream_maxlen_orders,
+            Kind.EXECUTIONS: self.stream_maxlen_executions,
+            DEAD_LETTER_KIND: self.stream_maxlen_dead_letters,
+        }
 
     def __repr__(self) -> str:
         parts = []

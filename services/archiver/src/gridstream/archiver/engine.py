@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 from gridstream.common import streams
-from gridstream.common.messages import AnyMessage, Candle, OrderFilled
+from gridstream.common.messages import AnyMessage, Candle, OrderFilled, Tick
 from gridstream.common.streams import Kind
 
 #: What ``add`` did with an entry.
@@ -25,6 +25,7 @@ AddResult = Literal["buffered", "ignored", "duplicate"]
 
 #: Message types archived, per stream kind.
 ARCHIVED: Final[dict[Kind, type[AnyMessage]]] = {
+    Kind.TICKS: Tick,
     Kind.CANDLES: Candle,
     Kind.EXECUTIONS: OrderFilled,
 }

@@ -15,6 +15,8 @@ async def amain() -> None:
     rt = Runtime(Service.ARCHIVER, settings)
     try:
         await rt.start(database=False)
+        if not await rt.become_active():
+            return
         archiver = Archiver.from_settings(
             rt.redis,
             LocalStore(settings.archive_dir),
@@ -22,6 +24,9 @@ async def amain() -> None:
             group=group(Service.ARCHIVER),
             consumer=rt.consumer_name,
         )
+        if rt.active is not None:
+            active = rt.active
+            archiver.consumer.fence = lambda _stream: active.fence()
         await archiver.ensure_groups()
         rt.ready = True
         rt.status["archive_dir"] = settings.archive_dir

@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gridstream.common import bus, metrics
-from gridstream.common.streams import Kind, streams
+from gridstream.common.streams import CONSUMERS, Service, streams
 
 from . import parquet
 from .engine import ArchiveEngine, Batch
@@ -36,8 +36,13 @@ def _s(value: bytes | str) -> str:
 
 
 def archived_streams(symbols: Sequence[str]) -> list[str]:
-    """The streams the archiver reads: candles and executions of every symbol."""
-    return streams(Kind.CANDLES, list(symbols)) + streams(Kind.EXECUTIONS, list(symbols))
+    """The streams the archiver reads: ticks, candles and executions of every symbol.
+
+    Every kind of stream that :data:`~gridstream.common.streams.CONSUMERS` gives the
+    archiver, so nothing of them is trimmed before it is archived.
+    """
+    kinds = [k for k, groups in CONSUMERS.items() if Service.ARCHIVER in groups]
+    return [name for kind in kinds for name in streams(kind, list(symbols))]
 
 
 class Archiver:

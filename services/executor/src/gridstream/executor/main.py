@@ -58,6 +58,10 @@ async def run(settings: ExecutorSettings, rt: Runtime, venue: Venue | None = Non
     """
     await rt.start(database=True)
     assert rt.pool is not None
+    # The single writer of orders: one active replica, the others standbys. Its ledger
+    # sessions carry the role's fencing token, its publishes the role's lease.
+    if not await rt.become_active():
+        return
     venue = venue or make_venue(settings)
     executor = Executor(
         venue=venue,

@@ -596,7 +596,9 @@ async def amain(settings: IngestorSettings | None = None) -> None:
     rt = Runtime(SERVICE, settings)
     try:
         await rt.start(database=True)
-        await Ingestor(rt, settings).run()
+        # One active ingestor; other replicas wait as standbys (its output is fenced).
+        if await rt.become_active():
+            await Ingestor(rt, settings).run()
     finally:
         await rt.close()
 

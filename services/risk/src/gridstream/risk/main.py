@@ -238,6 +238,9 @@ def make_handler(engine: RiskEngine, pool: asyncpg.Pool) -> Handler:
 async def run(settings: RiskSettings, rt: Runtime) -> None:
     """Start the runtime, load filters and state, then judge intents until stopped."""
     await rt.start(database=True)
+    # One view of all exposure: one active replica, the others standbys (fenced writes).
+    if not await rt.become_active():
+        return
     filters = await fetch_filters(
         settings.venue_rest_url, settings.symbols, rt.stop_event, settings.exchange_info_retry_s
     )

@@ -358,6 +358,12 @@ class SignalEngine:
         """Higher-interval buckets of ``symbol`` dropped because a base candle was missing."""
         return sum(a.incomplete for a in self._aggs.get(symbol, ()))
 
+    def forget(self, symbol: str) -> None:
+        """Drop every series of ``symbol`` (another replica handles it now)."""
+        for key in [k for k in self._series if k[0] == symbol]:
+            del self._series[key]
+        self._aggs.pop(symbol, None)
+
     def _get(self, key: tuple[str, str]) -> _Series:
         s = self._series.get(key)
         if s is None:

@@ -35,7 +35,7 @@ from gridstream.common.bus import Delivery, Outgoing
 from gridstream.common.messages import AnyMessage, Candle, Signal, deterministic_id
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.settings import CommonSettings
-from gridstream.common.streams import Kind, Service, stream, streams
+from gridstream.common.streams import Kind, Service, stream
 from gridstream.signals.engine import SignalEngine, SignalParams
 
 log = logging.getLogger("gridstream.signals")
@@ -162,11 +162,14 @@ class SignalsService:
                 return msg.open_time - 1
         return None
 
-    async def warm_up(self, pool: asyncpg.Pool, redis: aioredis.Redis) -> dict[str, int]:
+    async def warm_up(
+        self, pool: asyncpg.Pool, redis: aioredis.Redis, symbols: Sequence[str] | None = None
+    ) -> dict[str, int]:
         """Feed each symbol's recent history from Postgres into the engine; outputs dropped."""
         s = self.settings
         counts: dict[str, int] = {}
-        for symbol in s.symbols:
+        for symbol in s.symbols if symbols is None else symbols:
+            self.forget([symbol])
             until = await self.handled_until(redis, symbol)
             rows = await pool.fetch(
                 "SELECT open_time, close_time, open, high, low, close, volume FROM ("
@@ -190,6 +193,13 @@ class SignalsService:
                 self.engine.warmup,
             )
         return counts
+
+    def forget(self, symbols: Sequence[str]) -> None:
+        """Drop the state of symbols this replica no longer handles."""
+        for symbol in symbols:
+            self.engine.forget(symbol)
+            for key in [k for k in self._recent if k[0] == symbol]:
+                del self._recent[key]
 
     # -- handling -----------------------------------------------------------------------------
     def on_candle(self, candle: Candle) -> list[Signal]:
@@ -226,8 +236,25 @@ async def amain(settings: SignalsSettings | None = None) -> None:
         if rt.pool is None:
             raise RuntimeError("the signals service needs Postgres for its warm-up")
         service = SignalsService(settings)
-        rt.status["warmed_up"] = await service.warm_up(rt.pool, rt.redis)
-        await rt.consume(streams(Kind.CANDLES, settings.symbols), service.handle)
+        pool = rt.pool
+        warmed: dict[str, int] = rt.status.setdefault("warmed_up", {})
+
+        async def acquire(symbols: list[str]) -> None:
+            warmed.update(await service.warm_up(pool, rt.redis, symbols))
+
+        async def release(symbols: list[str]) -> None:
+            service.forget(symbols)
+            for s in symbols:
+                warmed.pop(s, None)
+
+        # Replicas split the symbols; each warms up a symbol when it takes it over.
+        await rt.consume_sharded(
+            settings.symbols,
+            lambda symbol: [stream(Kind.CANDLES, symbol)],
+            service.handle,
+            on_acquire=acquire,
+            on_release=release,
+        )
     finally:
         await rt.close()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Final
@@ -190,6 +190,10 @@ class _Recent:
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
+    def discard_where(self, predicate: Callable[[object], bool]) -> None:
+        for key in [k for k in self._keys if predicate(k)]:
+            del self._keys[key]
+
     def add(self, key: object) -> None:
         self._keys[key] = None
         self._keys.move_to_end(key)
@@ -230,6 +234,13 @@ class GridEngine:
             delta -= fee
         self.inventory[symbol] = self.inventory.get(symbol, Decimal(0)) + delta
         return True
+
+    def forget(self, symbol: str) -> None:
+        """Drop every state of ``symbol`` (another replica handles it now)."""
+        self.orders.pop(symbol, None)
+        self.inventory.pop(symbol, None)
+        self._last.pop(symbol, None)
+        self._trades.discard_where(lambda k: isinstance(k, tuple) and k[0] == symbol)
 
     def _close(self, symbol: str, coid: str) -> None:
         self._closed.add(coid)

@@ -119,9 +119,24 @@ class StrategyService:
             *streams(Kind.EXECUTIONS, s),
         ]
 
-    async def restore(self, pool: asyncpg.Pool) -> dict[str, object]:
+    def streams_of(self, symbol: str) -> list[str]:
+        """The input streams of one symbol (what a replica reads once it holds it)."""
+        return [
+            stream(Kind.SIGNALS, symbol),
+            stream(Kind.ORDERS, symbol),
+            stream(Kind.EXECUTIONS, symbol),
+        ]
+
+    def forget(self, symbols: list[str]) -> None:
+        for symbol in symbols:
+            self.engine.forget(symbol)
+
+    async def restore(
+        self, pool: asyncpg.Pool, symbols: list[str] | None = None
+    ) -> dict[str, object]:
         """Rebuild live orders and inventory from Postgres ``orders`` and ``fills``."""
-        symbols = list(self.settings.symbols)
+        symbols = list(self.settings.symbols if symbols is None else symbols)
+        self.forget(symbols)
         order_rows = await pool.fetch(
             "SELECT client_order_id, symbol, side, price, qty, filled_qty FROM orders"
             " WHERE symbol = ANY($1::text[]) AND status = ANY($2::text[])"
@@ -209,8 +224,26 @@ async def amain(settings: StrategySettings | None = None) -> None:
             on_retry=lambda exc: log.warning("exchangeInfo not available (%s); retrying", exc),
         )
         service = StrategyService(settings, filters)
-        rt.status["restored"] = await service.restore(rt.pool)
-        await rt.consume(service.input_streams(), service.handle)
+        pool = rt.pool
+        restored: dict[str, object] = rt.status.setdefault("restored", {})
+
+        async def acquire(symbols: list[str]) -> None:
+            for symbol in symbols:
+                restored[symbol] = await service.restore(pool, [symbol])
+
+        async def release(symbols: list[str]) -> None:
+            service.forget(symbols)
+            for symbol in symbols:
+                restored.pop(symbol, None)
+
+        # Replicas split the symbols; each rebuilds a symbol from the ledger on taking it.
+        await rt.consume_sharded(
+            settings.symbols,
+            service.streams_of,
+            service.handle,
+            on_acquire=acquire,
+            on_release=release,
+        )
     finally:
         await rt.close()
 
