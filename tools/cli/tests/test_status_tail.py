@@ -12,7 +12,7 @@ from decimal import Decimal
 
 import redis as sync_redis
 
-from gridstream.common import codec
+from gridstream.common import bus, codec
 from gridstream.common.bus import Consumer, Delivery, Outgoing, Producer
 from gridstream.common.messages import Candle, OrderIntent, deterministic_id
 from gridstream.common.runtime import redis_client
@@ -106,7 +106,10 @@ async def seed(redis_url: str) -> None:
         retry_backoff_s=0,
     )
     await risk.ensure_groups()
-    await risk.run_once()
+    deadline = time.monotonic() + 60
+    while not await redis.xlen(dead_letters(group(Service.RISK))):
+        assert time.monotonic() < deadline, "risk never dead-lettered intent-1"
+        await risk.run_once()
     await redis.set(
         heartbeat_key(Service.RISK.value, "0"),
         json.dumps(
@@ -146,10 +149,15 @@ async def test_status_shows_streams_groups_dead_letters_and_health(redis_url):
     by_name = {s["name"]: s for s in report["streams"]}
     assert set(by_name) == {BTC_CANDLES, BTC_INTENTS}
     assert by_name[BTC_CANDLES]["length"] == 5
-    (sig,) = by_name[BTC_CANDLES]["groups"]
-    assert (sig["name"], sig["pending"], sig["lag"]) == ("signals", 1, 1)
+    candle_groups = {g["name"]: g for g in by_name[BTC_CANDLES]["groups"]}
+    # the producer made every durable group of the stream, read or not
+    assert set(candle_groups) == {"signals", "archiver"}
+    sig = candle_groups["signals"]
+    assert (sig["pending"], sig["lag"]) == (1, 1)
     assert [c["name"] for c in sig["consumers"]] == ["signals-0"]
-    (risk,) = by_name[BTC_INTENTS]["groups"]
+    assert (candle_groups["archiver"]["pending"], candle_groups["archiver"]["lag"]) == (0, 5)
+    intent_groups = {g["name"]: g for g in by_name[BTC_INTENTS]["groups"]}
+    risk = intent_groups["risk"]
     assert (risk["pending"], risk["lag"]) == (0, 0)
     assert report["dead_letters"] == [
         {"name": dead_letters(group(Service.RISK)), "group": "risk", "length": 1}
@@ -162,8 +170,8 @@ async def test_status_shows_streams_groups_dead_letters_and_health(redis_url):
 
     human = cli(redis_url, "status")
     assert human.returncode == 0, human.stderr
-    line = next(x for x in human.stdout.splitlines() if x.startswith(BTC_CANDLES))
-    assert line.split() == [BTC_CANDLES, "5", "signals", "1", "1", "signals-0"]
+    lines = [x.split() for x in human.stdout.splitlines() if x.startswith(BTC_CANDLES)]
+    assert [BTC_CANDLES, "5", "signals", "1", "1", "signals-0"] in lines
     assert "STALE" in human.stdout
     assert dead_letters("risk") in human.stdout
 
@@ -189,6 +197,8 @@ async def test_tail_decodes_entries_and_dead_letters(redis_url):
     dlq = cli(redis_url, "tail", dead_letters("risk"))
     (row,) = [json.loads(x) for x in dlq.stdout.splitlines()]
     assert row["dead_letter"]["stream"] == BTC_INTENTS
+    assert row["dead_letter"]["by_reference"] is False
+    assert row["dead_letter"]["size"] == len(codec.encode(intent(1)))
     assert "price outside the grid" in row["dead_letter"]["reason"]
     assert row["message"]["id"] == "intent-1"
 
@@ -202,11 +212,18 @@ async def test_tail_follow_prints_new_entries(redis_url):
         [sys.executable, "-m", "gridstream.cli", "tail", BTC_CANDLES, "--last", "0", "--follow"],
         env=env,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
         r = sync_redis.Redis.from_url(redis_url)
-        time.sleep(1.0)
+        assert proc.stderr is not None
+        # the entry is added only once tail says where it follows from (a blocking read
+        # of stderr, bounded by the test timeout): it cannot start after the entry
+        said = proc.stderr.readline()
+        while said and not said.startswith("following new entries after"):
+            said = proc.stderr.readline()
+        assert said, "tail --follow exited before following"
         r.xadd(BTC_CANDLES, {codec.FIELD: codec.encode(candle(7))})
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -228,5 +245,7 @@ async def test_dlq_replay_moves_entries_back(redis_url):
     assert len(entries) == 3
     assert codec.decode(entries[-1][1][codec.FIELD]) == intent(1)
     # the replayed entry is new to the group: lag 1
-    (info,) = r.xinfo_groups(BTC_INTENTS)
-    assert info["lag"] == 1
+    infos = {i["name"].decode(): i for i in r.xinfo_groups(BTC_INTENTS)}
+    assert infos["risk"]["lag"] == 1
+    # and meant for risk only
+    assert entries[-1][1][bus.TARGET_GROUP] == b"risk"

@@ -43,6 +43,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _following(after: str) -> None:
+    print(f"following new entries after {after}", file=sys.stderr, flush=True)
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     try:
         asyncio.run(
@@ -53,6 +57,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
                 from_id=args.from_id,
                 last=args.last,
                 follow=args.follow,
+                following=_following,
             )
         )
     except KeyboardInterrupt:

@@ -29,7 +29,9 @@ def format_entry(stream: str, entry_id: bytes | str, fields: dict[bytes, bytes])
     """One entry as one JSON line: ``{"stream", "entry_id", "message"}``.
 
     A dead-letter entry also has ``dead_letter`` (source stream, entry id, reason,
-    deliveries); an entry that does not decode has ``error`` and ``message: null``.
+    deliveries, the payload's ``size`` in bytes, and ``by_reference``: true when the
+    entry was too large to copy and only its id and size were kept); an entry that does
+    not decode has ``error`` and ``message: null``.
     """
     out: dict[str, Any] = {"stream": stream, "entry_id": s(entry_id)}
     if bus.DLQ_REASON in fields:
@@ -40,6 +42,9 @@ def format_entry(stream: str, entry_id: bytes | str, fields: dict[bytes, bytes])
             "deliveries": int(fields.get(bus.DLQ_DELIVERIES) or 0),
         }
         payload = fields.get(bus.DLQ_PAYLOAD)
+        size = int(fields.get(bus.DLQ_SIZE) or 0)
+        out["dead_letter"]["size"] = size
+        out["dead_letter"]["by_reference"] = not payload and size > 0
     else:
         payload = fields.get(codec.FIELD)
     message, error = _decode(payload)
@@ -59,8 +64,13 @@ async def tail(
     follow: bool = False,
     block_ms: int = 1000,
     stop: Callable[[], bool] = lambda: False,
+    following: Callable[[str], None] | None = None,
 ) -> int:
-    """Write entries of ``stream`` (from an id, or the last N), then follow if asked."""
+    """Write entries of ``stream`` (from an id, or the last N), then follow if asked.
+
+    ``following`` is told the id after which new entries will be printed, once the
+    cursor is fixed: every entry added after that call is printed.
+    """
     count = 0
     cursor: Any
     entries: Any
@@ -79,6 +89,8 @@ async def tail(
     else:
         newest: Any = await redis.xrevrange(stream, count=1)
         cursor = newest[0][0] if newest else "0-0"
+    if following is not None:
+        following(s(cursor))
     while not stop():
         reply: Any = await redis.xread({stream: cursor}, block=block_ms, count=500)
         if not reply:
