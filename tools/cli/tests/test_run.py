@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import re
@@ -12,14 +13,20 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import psutil
+import pytest
 import redis as sync_redis
+from aiohttp import web
 
-from gridstream.common.streams import Service, heartbeat_key
+from gridstream.cli.run import SUPERVISOR_PORT_OFFSET, SupervisorError, health_pid, port_taken
+from gridstream.cli.supervise import decode_state
+from gridstream.common.streams import Service, heartbeat_key, supervisor_key
 
 STARTED = re.compile(r"^run\s+\| started (\w+) pid (\d+)")
 
@@ -52,9 +59,10 @@ class Runner:
             self._q.put(line.rstrip("\n"))
         self._q.put(None)
 
-    def wait_for(self, pattern: str, timeout: float = 60) -> str:
+    def wait_for(self, pattern: str, timeout: float = 60, *, after: int = 0) -> str:
+        """The first line matching ``pattern`` (of those from index ``after`` on)."""
         rx = re.compile(pattern)
-        for line in self.lines:
+        for line in self.lines[after:]:
             if rx.search(line):
                 return line
         deadline = time.monotonic() + timeout
@@ -85,6 +93,11 @@ class Runner:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
 
 
 def gone(pid: int) -> bool:
@@ -260,3 +273,145 @@ def test_migrate_creates_and_migrates_the_database(database_url):
             await conn.close()
 
     asyncio.run(drop())
+
+
+def started_pids(r: Runner, name: str) -> list[int]:
+    return [int(m[2]) for line in r.lines if (m := STARTED.match(line)) and m[1] == name]
+
+
+def supervisor_record(redis_url: str, name: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "gridstream.cli", "status", "--json"],
+        env=base_env(REDIS_URL=redis_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    rows = {row["service"]: row for row in json.loads(out.stdout)["supervisor"]}
+    return rows[name]
+
+
+def wait_phase(redis_url: str, name: str, phase: str, pid: int, timeout: float = 90) -> None:
+    key = supervisor_key()
+    client = sync_redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = client.hget(key, name)
+        if raw is not None:
+            st = decode_state(raw)
+            if st.phase == phase and st.pid == pid:
+                return
+        assert time.monotonic() < deadline, f"{name} never {phase} with pid {pid}: {raw!r}"
+        time.sleep(0.05)
+
+
+def test_a_killed_child_comes_back_and_a_crash_loop_shows(redis_url, database_url, tmp_path):
+    base = free_port() - 5
+    env = base_env(
+        REDIS_URL=redis_url,
+        DATABASE_URL=database_url,
+        GS_SYMBOLS="BTCUSDT",
+        GS_ARCHIVE_DIR=str(tmp_path / "archive"),
+    )
+    r = Runner(["--services", "archiver", "--metrics-base-port", str(base)], env, tmp_path)
+    try:
+        r.wait_for(r"^run\s+\| started archiver pid")
+        for n in range(1, 4):
+            pid = started_pids(r, "archiver")[-1]
+            wait_phase(redis_url, "archiver", "up", pid)
+            seen = len(r.lines)
+            os.kill(pid, signal.SIGKILL)
+            r.wait_for(rf"archiver \(pid {pid}\) DIED with killed by SIGKILL", after=seen)
+            r.wait_for(rf"restarting archiver in [\d.]+s \(restart {n}\)", after=seen)
+            r.wait_for(r"^run\s+\| started archiver pid", timeout=60, after=seen)
+            assert len(started_pids(r, "archiver")) == n + 1
+        # three quick deaths in a row: a crash loop, said in the log and in status
+        assert any("CRASH LOOP: 3 quick deaths in a row" in x for x in r.lines), r.lines
+        pid = started_pids(r, "archiver")[-1]
+        wait_phase(redis_url, "archiver", "up", pid)
+        rec = supervisor_record(redis_url, "archiver")
+        assert rec["restarts"] == 3
+        assert rec["crash_loop"] is True
+        assert rec["last_exit_text"] == "killed by SIGKILL"
+        assert str(rec["crash_loop_text"]).startswith("crash loop: 3 restarts in the last")
+        human = subprocess.run(
+            [sys.executable, "-m", "gridstream.cli", "status"],
+            env=base_env(REDIS_URL=redis_url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        row = next(x for x in human.splitlines() if x.startswith("archiver") and "CRASH" in x)
+        assert "up CRASH-LOOP" in row and str(pid) in row
+        text = get_text(f"http://127.0.0.1:{base + SUPERVISOR_PORT_OFFSET}/metrics")
+        assert 'gridstream_service_restarts_total{service="archiver"} 3.0' in text
+        assert 'gridstream_service_crash_loop{service="archiver"} 1.0' in text
+        r.proc.send_signal(signal.SIGINT)
+        assert r.finish() == 0, "\n".join(r.lines)
+    finally:
+        r.kill()
+    assert all(gone(p) for p in started_pids(r, "archiver"))
+    assert (
+        decode_state(
+            sync_redis.Redis.from_url(redis_url).hget(supervisor_key(), "archiver") or b"{}"
+        ).phase
+        == "stopped"
+    )
+
+
+def test_a_taken_port_stops_the_stack_before_anything_starts(redis_url, database_url, tmp_path):
+    env = base_env(REDIS_URL=redis_url, DATABASE_URL=database_url)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        r = Runner(
+            ["--services", "simulator,archiver", "--sim-port", str(port)]
+            + ["--metrics-base-port", str(free_port())],
+            env,
+            tmp_path,
+        )
+        try:
+            code = r.finish(60)
+        finally:
+            r.kill()
+    text = "\n".join(r.lines)
+    assert code == 1, text
+    assert f"cannot start simulator: port {port} is taken by pid {os.getpid()}" in text
+    assert not r.pids(), text  # nothing was started against the other process
+
+
+def test_health_check_tells_our_child_from_another_process():
+    async def go() -> None:
+        async def foreign(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok", "pid": 1})
+
+        async def not_ours(_: web.Request) -> web.Response:
+            return web.Response(text="hello")
+
+        app = web.Application()
+        app.router.add_get("/healthz", foreign)
+        other = web.Application()
+        other.router.add_get("/healthz", not_ours)
+        runners = [web.AppRunner(app), web.AppRunner(other)]
+        ports = []
+        for runner in runners:
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            ports.append(runner.addresses[0][1])
+        try:
+            async with aiohttp.ClientSession() as session:
+                assert await health_pid(session, "x", "127.0.0.1", ports[0]) == 1
+                with pytest.raises(SupervisorError, match="not a gridstream process"):
+                    await health_pid(session, "x", "127.0.0.1", ports[1])
+                assert await health_pid(session, "x", "127.0.0.1", free_port()) is None
+            assert port_taken("127.0.0.1", ports[0]) is not None
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+        assert port_taken("127.0.0.1", ports[0]) is None
+
+    asyncio.run(go())

@@ -11,15 +11,31 @@ Every service exposes the same names (labels say which service and stream):
 ``gridstream_fills_total``, ``gridstream_rejections_total``,
 ``gridstream_equity``, ``gridstream_drawdown``, ``gridstream_kill_switch``,
 ``gridstream_up``.
+
+The process supervisor (``gridstream run``) serves its own registry,
+:data:`SUPERVISOR_REGISTRY`: ``gridstream_service_restarts_total`` and
+``gridstream_service_crash_loop``, by service.
+
+``/healthz`` answers ``{"status": "ok", "pid": <pid>}`` so that a supervisor can tell its
+own child from another process answering on the same port.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 NAMESPACE: Final = "gridstream"
 
@@ -141,6 +157,23 @@ LEASE_CHANGES: Final = Counter(
     namespace=NAMESPACE,
 )
 
+#: The supervisor's metrics (``gridstream run``), apart from the services' standard names.
+SUPERVISOR_REGISTRY: Final = CollectorRegistry()
+SERVICE_RESTARTS: Final = Counter(
+    "service_restarts",
+    "Child processes restarted by the supervisor after they died",
+    ["service"],
+    namespace=NAMESPACE,
+    registry=SUPERVISOR_REGISTRY,
+)
+SERVICE_CRASH_LOOP: Final = Gauge(
+    "service_crash_loop",
+    "1 while a supervised child keeps dying soon after each restart",
+    ["service"],
+    namespace=NAMESPACE,
+    registry=SUPERVISOR_REGISTRY,
+)
+
 #: The names every service's /metrics must show (checked by the end-to-end test).
 STANDARD_NAMES: Final = (
     "gridstream_messages_in_total",
@@ -158,6 +191,13 @@ ReadyCheck = Callable[[], Awaitable[bool]]
 PATH_METRICS: Final = "/metrics"
 PATH_LIVE: Final = "/healthz"
 PATH_READY: Final = "/readyz"
+#: The field of the ``/healthz`` answer that names the serving process.
+HEALTH_PID: Final = "pid"
+
+
+def health_body() -> dict[str, Any]:
+    """The ``/healthz`` answer: alive, and which process answers."""
+    return {"status": "ok", HEALTH_PID: os.getpid()}
 
 
 def touch_standard(service: str) -> None:
@@ -170,14 +210,22 @@ def touch_standard(service: str) -> None:
     DEAD_LETTERS.labels(service, "", "none")
 
 
-async def serve(host: str, port: int, ready: ReadyCheck | None = None) -> tuple[web.AppRunner, int]:
-    """Serve /metrics, /healthz and /readyz; returns the runner and the bound port."""
+async def serve(
+    host: str,
+    port: int,
+    ready: ReadyCheck | None = None,
+    *,
+    registry: CollectorRegistry = REGISTRY,
+) -> tuple[web.AppRunner, int]:
+    """Serve /metrics (of ``registry``), /healthz and /readyz; returns the runner and port."""
 
     async def metrics_view(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def live_view(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return web.json_response(health_body())
 
     async def ready_view(_: web.Request) -> web.Response:
         ok = True if ready is None else await ready()

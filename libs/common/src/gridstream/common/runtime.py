@@ -44,6 +44,8 @@ from gridstream.common.streams import streams as streams_of_kind
 logger = logging.getLogger("gridstream.runtime")
 
 HEARTBEAT_TTL_S: Final = 15
+#: Exit status of a process whose configuration is invalid: restarting it cannot help.
+EXIT_INVALID_CONFIG: Final = 2
 #: Exit status of a replica that stopped because a lease it needed was lost.
 EXIT_LEASE_LOST: Final = 4
 HEARTBEAT_EVERY_S: Final = 5.0
@@ -52,12 +54,13 @@ S = TypeVar("S", bound=CommonSettings)
 
 
 def load_or_exit(cls: type[S]) -> S:
-    """Load settings or stop the process with the failing variable named (exit code 2)."""
+    """Load settings or stop the process with the failing variable named
+    (:data:`EXIT_INVALID_CONFIG`)."""
     try:
         return load_settings(cls)
     except SettingsError as exc:
         print(f"gridstream: invalid configuration: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_INVALID_CONFIG) from None
 
 
 def redis_client(url: str, socket_timeout_s: float = REDIS_SOCKET_TIMEOUT_S) -> aioredis.Redis:
@@ -137,7 +140,7 @@ class Runtime:
             self.replica = await self.registry.claim(self.settings.replica)
         except DuplicateReplica as exc:
             print(f"gridstream: invalid configuration: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_INVALID_CONFIG) from None
         logger.info("replica id %s (consumer %s)", self.replica, self.consumer_name)
         self._last_renewal = time.monotonic()
         self._tasks.append(asyncio.create_task(self._lease_loop(), name="leases"))
@@ -382,6 +385,7 @@ class Runtime:
                 "metrics_port": self.metrics_port,
                 "ts": time.time_ns(),
                 "started": self.started_ns,
+                "lost_entries": sum(c.lost for c in self._consumers),
                 **self.status,
             }
             with contextlib.suppress(Exception):

@@ -152,6 +152,11 @@ def heartbeat_key(service: Service | str, replica: str) -> str:
     return f"{PREFIX}:health:{service}:{replica}"
 
 
+def supervisor_key() -> str:
+    """Hash ``gridstream run`` keeps of its children (field: service, value: JSON state)."""
+    return f"{PREFIX}:supervisor"
+
+
 #: The lease name of a service's single active role (risk, the executor).
 ACTIVE_LEASE: Final = "_active"
 

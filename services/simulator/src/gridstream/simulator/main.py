@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+from gridstream.common.runtime import EXIT_INVALID_CONFIG
+
 from .server import start
 from .settings import SettingsError, SimSettings, load_sim_settings
 
@@ -39,12 +41,12 @@ def main() -> None:
         settings = load_sim_settings()
     except SettingsError as exc:
         print(f"gridstream-simulator: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        raise SystemExit(EXIT_INVALID_CONFIG) from exc
     try:
         asyncio.run(serve(settings))
     except FileNotFoundError as exc:
         print(f"gridstream-simulator: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        raise SystemExit(EXIT_INVALID_CONFIG) from exc
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from urllib.parse import parse_qsl
 import msgspec
 from aiohttp import WSMsgType, web
 
+from gridstream.common.metrics import PATH_LIVE, health_body
+
 from .data import CandleSeries, first_open_time, load_candles, load_file
 from .engine import ApiError, Engine, Event, MarketEvent, UserEvent, missing
 from .ratelimit import RateLimiter, banned_msg, too_much_weight_msg
@@ -403,7 +405,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _unmetered(path: str) -> bool:
     """Admin and websocket paths carry no REST request weight."""
-    return path.startswith("/sim/") or path == "/stream" or path == "/ws" or path.startswith("/ws/")
+    return (
+        path.startswith("/sim/") or path in (PATH_LIVE, "/stream", "/ws") or path.startswith("/ws/")
+    )
 
 
 @web.middleware
@@ -435,6 +439,11 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
 # ---------------------------------------------------------------- REST handlers
 async def ping(request: web.Request) -> web.Response:
     return _json({})
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness, with the pid, so a supervisor knows it is its own child that answers."""
+    return _json(health_body())
 
 
 async def server_time(request: web.Request) -> web.Response:
@@ -715,6 +724,7 @@ def make_app(sim: Simulator) -> web.Application:
     app[SIM_KEY] = sim
     r = app.router
     r.add_get("/api/v3/ping", ping)
+    r.add_get(PATH_LIVE, health)
     r.add_get("/api/v3/time", server_time)
     r.add_get("/api/v3/exchangeInfo", exchange_info_h)
     r.add_get("/api/v3/klines", klines)

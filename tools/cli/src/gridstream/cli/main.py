@@ -21,6 +21,7 @@ from . import signals_export
 from . import status as status_mod
 from . import tail as tail_mod
 from .common import database_url, ensure_database, redis_url
+from .supervise import BackoffPolicy
 
 T = TypeVar("T")
 
@@ -106,6 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sim_port=args.sim_port,
         data_dir=Path(args.data_dir),
         stop_timeout_s=args.stop_timeout,
+        backoff=BackoffPolicy(cap_s=args.restart_cap),
     )
     return run_mod.run(options)
 
@@ -149,8 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument(
         "--exit-on-failure",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stop everything when one child dies (default: on)",
+        default=False,
+        help="stop everything when one child dies, for CI (default: restart it, with backoff)",
+    )
+    rn.add_argument(
+        "--restart-cap",
+        type=float,
+        default=BackoffPolicy().cap_s,
+        metavar="S",
+        help="longest wait before a restart, in seconds (default %(default)s)",
     )
     rn.add_argument("--metrics-base-port", type=int, default=run_mod.DEFAULT_METRICS_BASE)
     rn.add_argument(

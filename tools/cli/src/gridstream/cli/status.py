@@ -10,9 +10,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from gridstream.common.runtime import HEARTBEAT_TTL_S
-from gridstream.common.streams import dead_letters, heartbeat_key, pattern_all
+from gridstream.common.streams import dead_letters, heartbeat_key, pattern_all, supervisor_key
 
 from .common import s
+from .supervise import crash_loop_text, decode_state, describe_exit
 
 #: Prefix shared by every dead-letter stream (``gs:dlq:``).
 DLQ_PREFIX = dead_letters("")
@@ -85,10 +86,51 @@ async def collect(redis: aioredis.Redis, *, now_ns: int | None = None) -> dict[s
                 "metrics_port": body.get("metrics_port"),
                 "age_s": round(age_s, 1),
                 "stale": age_s > HEARTBEAT_TTL_S,
+                "role": body.get("role"),
+                "symbols": body.get("symbols"),
+                "fencing_token": body.get("fencing_token"),
+                "lost_entries": int(body.get("lost_entries") or 0),
             }
         )
     services.sort(key=lambda x: (x["service"], x["replica"]))
-    return {"streams": streams, "dead_letters": dlqs, "services": services}
+    return {
+        "streams": streams,
+        "dead_letters": dlqs,
+        "services": services,
+        "supervisor": await _supervisor(redis, now_ns),
+    }
+
+
+async def _supervisor(redis: aioredis.Redis, now_ns: int) -> list[dict[str, Any]]:
+    """What ``gridstream run`` says of its children (empty when no ``run`` supervises)."""
+    raw: Any = await redis.hgetall(supervisor_key())
+    out: list[dict[str, Any]] = []
+    for value in raw.values():
+        try:
+            st = decode_state(value)
+        except ValueError:
+            continue
+        age_s = max(0.0, (now_ns - st.ts) / 1e9)
+        out.append(
+            {
+                "service": st.service,
+                "phase": st.phase.value,
+                "pid": st.pid,
+                "restarts": st.restarts,
+                "last_exit": None if st.last_exit_code is None else st.last_exit_code,
+                "last_exit_text": ""
+                if st.last_exit_code is None
+                else describe_exit(st.last_exit_code),
+                "crash_loop": st.crash_loop,
+                "crash_loop_text": crash_loop_text(st, now_ns),
+                "backoff_s": st.backoff_s if st.phase == "backoff" else None,
+                "reason": st.reason,
+                "supervisor_pid": st.supervisor_pid,
+                "stale": age_s > HEARTBEAT_TTL_S,
+            }
+        )
+    out.sort(key=lambda x: x["service"])
+    return out
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -130,21 +172,47 @@ def render(report: dict[str, Any]) -> str:
     sv_rows = []
     for sv in report["services"]:
         health = "STALE" if sv["stale"] else ("ready" if sv["ready"] else "starting")
+        role = sv.get("role") or "-"
+        if sv.get("fencing_token") is not None and role == "active":
+            role = f"active #{sv['fencing_token']}"
+        symbols = ",".join(sv.get("symbols") or []) or "-"
         sv_rows.append(
             [
                 sv["service"],
                 str(sv["replica"]),
                 health,
+                role,
+                symbols,
                 str(sv["pid"]),
                 str(sv["metrics_port"]),
                 f"{sv['age_s']}s",
+                str(sv.get("lost_entries") or 0),
             ]
         )
-    parts.append(
-        _table(["service", "replica", "health", "pid", "metrics", "heartbeat"], sv_rows)
-        if sv_rows
-        else "  (no heartbeats)"
-    )
+    headers = ["service", "replica", "health", "role", "symbols", "pid", "metrics", "heartbeat"]
+    parts.append(_table([*headers, "lost"], sv_rows) if sv_rows else "  (no heartbeats)")
+    if report.get("supervisor"):
+        parts.append("")
+        parts.append("SUPERVISOR (gridstream run)")
+        sup_rows = []
+        for c in report["supervisor"]:
+            note = c["crash_loop_text"] or c["reason"]
+            if c["phase"] == "backoff" and c["backoff_s"] is not None:
+                note = f"restart in {c['backoff_s']}s; {note}"
+            phase = "STALE" if c["stale"] else c["phase"]
+            if c["crash_loop"]:
+                phase = f"{phase} CRASH-LOOP"
+            sup_rows.append(
+                [
+                    c["service"],
+                    phase,
+                    "-" if c["pid"] is None else str(c["pid"]),
+                    str(c["restarts"]),
+                    c["last_exit_text"] or "-",
+                    note,
+                ]
+            )
+        parts.append(_table(["service", "state", "pid", "restarts", "last exit", "note"], sup_rows))
     return "\n".join(parts)
 
 
