@@ -3,7 +3,7 @@
 What: every indicator of the signals service (SMA, EMA, RSI, ATR, Bollinger + width, +DI,
 -DI, ADX, Donchian, realised volatility, VWAP, EMA trend, width z-score) over 1,000,000 1m
 candles (real BTCUSDT candles from data/klines tiled end to end) with
-``gridstream.signals.frame.indicator_frame``. Reference: the same indicators with TA-Lib
+``gridstream.core.signals.frame.indicator_frame``. Reference: the same indicators with TA-Lib
 (SMA, EMA, RSI, ATR, BBANDS, PLUS_DI, MINUS_DI, ADX, MAX, MIN, STDDEV) plus numpy for the
 three TA-Lib lacks (VWAP, trend, z-score), inputs already numpy arrays. Best of N runs each.
 The regime's state machine (a compiled numba loop called through Polars, not an indicator)
@@ -26,8 +26,8 @@ import numpy as np
 import polars as pl
 import talib
 
-from gridstream.signals.engine import SignalParams
-from gridstream.signals.frame import indicator_frame, regime_expr
+from gridstream.core.signals.engine import SignalParams
+from gridstream.core.signals.frame import indicator_frame, regime_expr
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "klines" / "BTCUSDT-1m.csv.gz"
 

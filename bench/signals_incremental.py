@@ -27,7 +27,7 @@ import numpy as np
 import talib
 
 from gridstream.common.messages import Candle
-from gridstream.signals.engine import SignalEngine, SignalParams
+from gridstream.core.signals.engine import SignalEngine, SignalParams
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "klines"
 PAIRS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")

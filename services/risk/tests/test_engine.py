@@ -20,7 +20,7 @@ from gridstream.common.messages import (
     OrderRejected,
     Side,
 )
-from gridstream.risk.engine import OpenOrder, Reasons, RiskEngine, verdict_id
+from gridstream.core.risk import OpenOrder, Reasons, RiskEngine, verdict_id
 
 _ids = count(1)
 D = Decimal
@@ -330,7 +330,7 @@ def test_accept_of_an_unknown_order_counts_what_is_left_after_its_fills() -> Non
 
 
 def test_closed_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gridstream.risk import engine as risk_engine
+    from gridstream.core import risk as risk_engine
 
     monkeypatch.setattr(risk_engine, "CLOSED_MEMORY", 3)
     e = engine()

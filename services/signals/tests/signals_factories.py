@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 
 from gridstream.common.messages import Candle, Signal
-from gridstream.signals.engine import SignalEngine, SignalParams
+from gridstream.core.signals.engine import SignalEngine, SignalParams
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "klines"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -11,7 +11,7 @@ from signals_factories import SMALL
 
 from gridstream.common import codec
 from gridstream.common.messages import Candle, Signal
-from gridstream.signals.engine import (
+from gridstream.core.signals.engine import (
     INDICATORS,
     RegimeTracker,
     SignalEngine,

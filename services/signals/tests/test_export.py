@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from signals_factories import DATA, FIXTURES
 
-from gridstream.signals.engine import INDICATORS, SignalParams
+from gridstream.core.signals.engine import INDICATORS, SignalParams
+from gridstream.core.signals.frame import OUTPUT_COLUMNS, compute_frame
 from gridstream.signals.export import export, read_candles
-from gridstream.signals.frame import OUTPUT_COLUMNS, compute_frame
 
 
 def test_export_to_parquet_and_csv_equals_the_batch_frame(tmp_path: Path) -> None:

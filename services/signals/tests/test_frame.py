@@ -10,8 +10,8 @@ import pytest
 from signals_factories import PAIRS, SMALL, candles, engine_signals, frame
 
 from gridstream.common.messages import Signal
-from gridstream.signals.engine import INDICATORS, SignalParams
-from gridstream.signals.frame import OUTPUT_COLUMNS, compute_frame
+from gridstream.core.signals.engine import INDICATORS, SignalParams
+from gridstream.core.signals.frame import OUTPUT_COLUMNS, compute_frame
 
 TOL = 1e-9
 

@@ -17,9 +17,9 @@ import pytest
 import talib
 from signals_factories import PAIRS, SMALL, candles, engine_signals, frame
 
-from gridstream.signals.engine import INDICATORS, SignalParams
-from gridstream.signals.frame import compute_frame
-from gridstream.signals.indicators import MonotonicExtreme, RollingStats, RollingSum
+from gridstream.core.signals.engine import INDICATORS, SignalParams
+from gridstream.core.signals.frame import compute_frame
+from gridstream.core.signals.indicators import MonotonicExtreme, RollingStats, RollingSum
 
 TOL = 1e-9
 OTHER = SignalParams(

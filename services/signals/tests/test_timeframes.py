@@ -6,8 +6,8 @@ import pytest
 from signals_factories import PAIRS, SMALL, candles, engine_signals
 
 from gridstream.common.messages import Candle
-from gridstream.signals.engine import SignalEngine
-from gridstream.signals.timeframes import CandleAggregator, ratio
+from gridstream.core.signals.engine import SignalEngine
+from gridstream.core.signals.timeframes import CandleAggregator, ratio
 
 OHLCV = ("open_time", "close_time", "open", "high", "low", "close", "volume")
 

@@ -17,7 +17,7 @@ from gridstream.common.messages import (
     Side,
     Signal,
 )
-from gridstream.strategy.engine import (
+from gridstream.core.strategies.grid import (
     CLIENT_ID_RE,
     GridEngine,
     GridParams,

@@ -26,9 +26,9 @@ from gridstream.common.messages import (
 )
 from gridstream.common.settings import SettingsError, load_settings
 from gridstream.common.streams import Kind, Service, consumer, group, stream
+from gridstream.core.strategies.grid import client_order_id
 from gridstream.simulator.server import start as start_simulator
 from gridstream.simulator.settings import load_sim_settings
-from gridstream.strategy.engine import client_order_id
 from gridstream.strategy.main import StrategyService, StrategySettings, amain
 
 SYMBOL = "BTCUSDT"

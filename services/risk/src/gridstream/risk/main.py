@@ -28,7 +28,7 @@ from gridstream.common.messages import (
 )
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.streams import Kind, Service, stream, streams
-from gridstream.risk.engine import (
+from gridstream.core.risk import (
     CLOSED_MEMORY,
     VERDICT_MEMORY,
     OpenOrder,

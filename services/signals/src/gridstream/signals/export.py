@@ -11,8 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
-from gridstream.signals.engine import SignalParams
-from gridstream.signals.frame import compute_frame
+from gridstream.core.signals.engine import SignalParams
+from gridstream.core.signals.frame import compute_frame
 
 _NEEDED = ("open_time", "high", "low", "close")
 

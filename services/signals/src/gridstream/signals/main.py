@@ -36,7 +36,7 @@ from gridstream.common.messages import AnyMessage, Candle, Signal, deterministic
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.settings import CommonSettings
 from gridstream.common.streams import Kind, Service, stream
-from gridstream.signals.engine import SignalEngine, SignalParams
+from gridstream.core.signals.engine import SignalEngine, SignalParams
 
 log = logging.getLogger("gridstream.signals")
 

@@ -4,7 +4,7 @@ No I/O and no clock reads: the wiring calls :meth:`Engine.step` to advance the
 replay clock to the next scheduled timestamp and gets back the market and user
 events to publish; REST handlers call the order/account methods, which use the
 replay clock (``clock_ms``) as transaction time. See ``data.py`` for the trade
-path synthesised inside each candle, and ``gridstream.common.fillmodel`` for the
+path synthesised inside each candle, and ``gridstream.core.fills`` for the
 fill decision shared with paper trading and the backtester.
 
 Event order within one candle of one symbol: the ``n`` trades (each followed by
@@ -24,8 +24,8 @@ from decimal import ROUND_DOWN, Decimal
 from functools import lru_cache
 from typing import Any, cast
 
-from gridstream.common import fillmodel
-from gridstream.common.fillmodel import FillDecision, Side
+from gridstream.core import fills as fill_rules
+from gridstream.core.fills import FillDecision, Side
 
 from .data import (
     INTERVAL_NAMES,
@@ -623,7 +623,7 @@ class Engine:
         if any(o.client_order_id == cid and o.is_open for o in self.orders.values()):
             raise ApiError(-2010, "Duplicate order sent.")
         now = self.clock_ms
-        crosses = price is None or fillmodel.would_cross_on_arrival(cast(Side, side), price, last)
+        crosses = price is None or fill_rules.would_cross_on_arrival(cast(Side, side), price, last)
         if otype == "LIMIT_MAKER" and crosses:
             raise self._reject(
                 spec,
@@ -670,7 +670,7 @@ class Engine:
         events: list[Event] = []
         fd: FillDecision | None = None
         if crosses:
-            fd = fillmodel.arrival_fill(cast(Side, side), price, qty, last, self.taker_fee)
+            fd = fill_rules.arrival_fill(cast(Side, side), price, qty, last, self.taker_fee)
         if fd is None and otype == "LIMIT" and tif in ("IOC", "FOK"):
             order.status = "EXPIRED"
             events.append(UserEvent(self._exec_report(order, "EXPIRED", now)))
@@ -772,7 +772,7 @@ class Engine:
         for o in list(self.orders.values()):
             if o.symbol != symbol or not o.is_open:
                 continue
-            fd = fillmodel.resting_fill(
+            fd = fill_rules.resting_fill(
                 cast(Side, o.side), o.price, o.remaining, tr.price, self.maker_fee
             )
             if fd is not None:

@@ -27,7 +27,7 @@ from gridstream.common.messages import Signal
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.settings import CommonSettings
 from gridstream.common.streams import Kind, Service, stream, streams
-from gridstream.strategy.engine import GridEngine, GridParams, LiveOrder, parse_level, restore
+from gridstream.core.strategies.grid import GridEngine, GridParams, LiveOrder, parse_level, restore
 
 log = logging.getLogger("gridstream.strategy")
 

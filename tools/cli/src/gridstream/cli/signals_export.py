@@ -1,6 +1,6 @@
 """``gridstream signals export``: every indicator and the regime of a candle file.
 
-Runs the signals service's batch path (Polars, :func:`gridstream.signals.frame.compute_frame`)
+Runs the signals service's batch path (Polars, :func:`gridstream.core.signals.frame.compute_frame`)
 with the service's default parameters, overridable by the usual ``GS_*`` settings.
 """
 

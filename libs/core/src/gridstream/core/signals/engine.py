@@ -2,17 +2,17 @@
 
 Pure and synchronous: candles in, :class:`Signal` out; no I/O, no clock reads. Times come
 from the candles. The same numbers are computed over a whole history, with Polars
-expressions, by :func:`gridstream.signals.frame.compute_frame`; a test proves both agree on
+expressions, by :func:`gridstream.core.signals.frame.compute_frame`; a test proves both agree on
 real data (no lookahead), and another that both match TA-Lib.
 
-Indicator definitions are in :mod:`gridstream.signals.indicators`; the regime rule is in
+Indicator definitions are in :mod:`gridstream.core.signals.indicators`; the regime rule is in
 :class:`RegimeTracker` and services/signals/README.md. Besides those, ``trend`` is the EMA
 slope in ATRs per candle, ``(ema_i - ema_{i-k}) / (k * atr_i)`` (0 when the ATR is 0), and
 ``bb_width_z`` the z-score of the Bollinger width against its own last ``regime_window``
 values (0 when they are all equal).
 
 Multi-timeframe: 1m candles (the ``base`` interval) also feed one
-:class:`~gridstream.signals.timeframes.CandleAggregator` per higher interval; each completed
+:class:`~gridstream.core.signals.timeframes.CandleAggregator` per higher interval; each completed
 bucket is a candle of its interval and gets its own series and signals. A candle of another
 interval given directly is a series of its own.
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from gridstream.common.messages import Candle, Regime, Signal, deterministic_id
-from gridstream.signals.indicators import (
+from gridstream.core.signals.indicators import (
     Directional,
     Ema,
     MonotonicExtreme,
@@ -38,7 +38,7 @@ from gridstream.signals.indicators import (
     RollingSum,
     Wilder,
 )
-from gridstream.signals.timeframes import CandleAggregator, ratio
+from gridstream.core.signals.timeframes import CandleAggregator, ratio
 
 #: Kind tag of signal ids: ``deterministic_id(SIGNAL_ID_KIND, symbol, interval, open_time)``.
 SIGNAL_ID_KIND: Final = "signal"

@@ -1,6 +1,6 @@
 """The signals engine's indicators over a whole candle history, with Polars expressions.
 
-Same definitions as :mod:`gridstream.signals.indicators` (TA-Lib seeding included). One lazy
+Same definitions as :mod:`gridstream.core.signals.indicators` (TA-Lib seeding included). One lazy
 Polars query computes every column (Polars runs its independent expressions in parallel). A
 Wilder or EMA series is an ``ewm_mean(adjust=False)`` over a null-free body whose first row
 is its seed (an SMA at the first defined index), preceded by nulls, so it starts exactly as
@@ -11,7 +11,7 @@ the incremental engine does. Every expression looks only backwards (rolling wind
 The regime's hysteresis is a state machine (each step depends on the state and on how long
 it has lasted), which no vectorised expression computes: a small compiled loop (numba),
 called through ``map_batches``, transcribes the engine's
-:class:`~gridstream.signals.engine.RegimeTracker` step for step.
+:class:`~gridstream.core.signals.engine.RegimeTracker` step for step.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from numba import njit
 from polars._typing import EngineType
 
 from gridstream.common.messages import Regime
-from gridstream.signals.engine import INDICATORS, SignalParams
-from gridstream.signals.indicators import TA_EPSILON
+from gridstream.core.signals.engine import INDICATORS, SignalParams
+from gridstream.core.signals.indicators import TA_EPSILON
 
 #: Columns added by :func:`compute_frame`.
 OUTPUT_COLUMNS = (*INDICATORS, "warm", "regime")
@@ -55,7 +55,7 @@ def _regime_steps(
     min_dwell: int,
     codes: npt.NDArray[np.int8],
 ) -> npt.NDArray[np.int8]:
-    """:meth:`RegimeTracker.step <gridstream.signals.engine.RegimeTracker.step>` over the
+    """:meth:`RegimeTracker.step <gridstream.core.signals.engine.RegimeTracker.step>` over the
     inputs of rows ``first..`` (index 0 = row ``first``); rows before are ``warmup``.
     ``codes`` = (warmup, range, trend_up, trend_down, high_volatility)."""
     adx_enter, adx_exit, vol_enter, vol_exit = (

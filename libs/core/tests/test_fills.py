@@ -4,7 +4,7 @@ from decimal import Decimal as D
 
 import pytest
 
-from gridstream.common.fillmodel import (
+from gridstream.core.fills import (
     arrival_fill,
     commission,
     crosses,

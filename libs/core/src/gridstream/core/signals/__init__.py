@@ -1,0 +1,1 @@
+"""Signals: indicators per symbol and interval, incremental (engine) and batch (frame)."""

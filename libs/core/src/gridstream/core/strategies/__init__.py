@@ -1,0 +1,1 @@
+"""Strategies: events in, order intents out."""
