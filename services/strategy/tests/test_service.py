@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from gridstream.common import codec, db
 from gridstream.common.binance.filters import parse_exchange_info
-from gridstream.common.bus import Consumer, Producer
+from gridstream.common.bus import Consumer, Delivery, Producer
 from gridstream.common.messages import (
     AnyMessage,
     OrderAccepted,
@@ -202,17 +202,68 @@ async def test_signals_become_intents_and_events_steer_the_next_grid(
     assert sell.qty <= b1.qty and sell.price == D("70175.00")
 
 
-async def test_a_backlog_of_signals_is_decided_on_its_newest_signal(
-    redis: aioredis.Redis, pool: asyncpg.Pool, redis_url: str, database_url: str
+def sequence() -> list[AnyMessage]:
+    """Signals that move the grid, with risk's verdicts and venue events in between."""
+    msgs: list[AnyMessage] = []
+    engine_view = StrategyService(settings_for("redis://x", "postgresql://x")).engine
+    for i in range(1, 60):
+        sig = signal(i, ema=70_000.0 + 40 * (i % 7), close=str(70_000 + 35 * (i % 5)))
+        msgs.append(sig)
+        for n, intent in enumerate(engine_view.on_signal(sig)):
+            if intent.action != "place":
+                continue
+            if n % 3 == 0:
+                msgs.append(
+                    OrderRejected(
+                        id=f"rej-{intent.client_order_id}",
+                        ts_event=sig.ts_event,
+                        ts_init=sig.ts_event,
+                        intent_id=intent.id,
+                        action="place",
+                        symbol=SYMBOL,
+                        client_order_id=intent.client_order_id,
+                        reason="max_exposure",
+                    )
+                )
+            else:
+                msgs.append(
+                    OrderAccepted(
+                        id=f"acc-{intent.client_order_id}",
+                        ts_event=sig.ts_event,
+                        ts_init=sig.ts_event,
+                        symbol=SYMBOL,
+                        client_order_id=intent.client_order_id,
+                        venue_order_id=str(len(msgs)),
+                        side=intent.side,
+                        price=intent.price,
+                        qty=intent.qty,
+                    )
+                )
+            engine_view.on_message(msgs[-1])
+    return msgs
+
+
+async def test_every_signal_decides_in_order_whatever_the_batch_size(
+    redis_url: str, database_url: str
 ) -> None:
-    service = StrategyService(settings_for(redis_url, database_url))
-    await service.restore(pool)
-    await publish(redis, Kind.SIGNALS, *[signal(i) for i in range(1, 40)])
-    await drain(redis, service)
-    got = await intents(redis)
-    assert [(i.action, i.side) for i in got] == [("place", "BUY")] * 3
-    newest = client_order_id(SYMBOL, T0 + 39 * 60_000, "BUY", 1)
-    assert got[0].client_order_id == newest
+    msgs = sequence()
+    assert sum(isinstance(m, Signal) for m in msgs) == 59 and len(msgs) > 100
+
+    async def run(batch: int) -> list[AnyMessage]:
+        service = StrategyService(settings_for(redis_url, database_url))
+        out: list[AnyMessage] = []
+        for start in range(0, len(msgs), batch):
+            chunk = [
+                Delivery(stream(Kind.SIGNALS, SYMBOL), b"0-0", m, 1)
+                for m in msgs[start : start + batch]
+            ]
+            out += [m for _s, m in await service.handle(chunk)]
+        return out
+
+    one, thousand = await run(1), await run(1000)
+    assert one == thousand
+    # every signal moved the grid: intents for many candles, not only the newest
+    assert len({i.id.split(":")[2] for i in one if isinstance(i, OrderIntent)}) > 10
 
 
 async def test_restart_rebuilds_orders_and_inventory_from_postgres(

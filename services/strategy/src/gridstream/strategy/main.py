@@ -185,28 +185,23 @@ class StrategyService:
         return summary
 
     async def handle(self, batch: Sequence[Delivery]) -> list[Outgoing]:
-        """Order events of the batch first, then the newest signal of each symbol.
+        """Every message of the batch, in the order the bus delivered it.
 
-        Streams have no order among themselves; taking the verdicts and executions in hand
-        before deciding on a signal gives each decision the freshest view of the book.
-        When a backlog arrives (catch-up after a restart or a backfill), only the newest
-        signal per symbol of the batch decides the grid: a grid for a candle that is
-        already history would only be placed to be cancelled a moment later.
+        Each signal of the strategy's interval decides the grid as it stands after every
+        message before it, as ``gridstream backtest`` does candle by candle: the intents
+        depend on the messages only, never on where a batch happened to end.
         """
-        newest: dict[str, Signal] = {}
+        out: list[Outgoing] = []
+        interval = self.settings.interval
         for d in batch:
             msg = d.message
             if isinstance(msg, Signal):
-                if msg.interval == self.settings.interval:
-                    prev = newest.get(msg.symbol)
-                    if prev is None or msg.open_time >= prev.open_time:
-                        newest[msg.symbol] = msg
+                if msg.interval != interval:
+                    continue
+                for intent in self.engine.on_signal(msg):
+                    out.append((stream(Kind.INTENTS, intent.symbol), intent))
             else:
                 self.engine.on_message(msg)
-        out: list[Outgoing] = []
-        for sig in newest.values():
-            for intent in self.engine.on_signal(sig):
-                out.append((stream(Kind.INTENTS, intent.symbol), intent))
         return out
 
 
