@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from itertools import count
 
+import msgspec
 import pytest
 
 from gridstream.common.binance.filters import SymbolFilters
@@ -125,6 +126,15 @@ def test_each_rule_rejects(kwargs: dict[str, str], reason: str) -> None:
     assert rejected_reason(v) == reason
     assert isinstance(v, OrderRejected) and v.detail
     assert e.open_orders == {}
+
+
+def test_market_orders_are_refused_unless_the_venue_path_takes_them() -> None:
+    market = msgspec.structs.replace(intent(), order_type="MARKET")
+    assert rejected_reason(engine().on_intent(market)) == Reasons.ORDER_TYPE
+    both = RiskEngine(
+        {"BTCUSDT": btc_filters()}, max_exposure_quote=D("250"), order_types=("LIMIT", "MARKET")
+    )
+    assert isinstance(both.on_intent(market), OrderApproved)
 
 
 def test_rule_order_price_before_lot_before_notional() -> None:

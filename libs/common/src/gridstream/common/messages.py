@@ -26,7 +26,16 @@ SCHEMA_VERSION: Final = 1
 Side: TypeAlias = Literal["BUY", "SELL"]
 IntentAction: TypeAlias = Literal["place", "cancel"]
 Liquidity: TypeAlias = Literal["maker", "taker"]
+#: A limit order rests at its price; a market order takes the book at once.
+OrderType: TypeAlias = Literal["LIMIT", "MARKET"]
 Regime: TypeAlias = Literal["warmup", "range", "trend_up", "trend_down", "high_volatility"]
+
+
+class OrderTypes:
+    """The :data:`OrderType` values by name."""
+
+    LIMIT: Final = "LIMIT"
+    MARKET: Final = "MARKET"
 
 
 class Actions:
@@ -136,6 +145,9 @@ class OrderIntent(Message, frozen=True, kw_only=True, tag=Tags.ORDER_INTENT):
     level: int = 0
     strategy: str = "grid"
     reason: str = ""
+    #: ``MARKET``: fill at once at the market (``price`` is then only the reference price
+    #: the strategy saw); ``LIMIT``: rest at ``price``.
+    order_type: OrderType = "LIMIT"
 
 
 class OrderApproved(Message, frozen=True, kw_only=True, tag=Tags.ORDER_APPROVED):

@@ -51,6 +51,17 @@ class FillDecision:
         return self.liquidity == "maker"
 
 
+def path_vertices(
+    open_: Decimal, high: Decimal, low: Decimal, close: Decimal
+) -> tuple[Decimal, Decimal, Decimal, Decimal]:
+    """The price path inside a candle, the one rule the simulator and the backtester
+    share: ``open``, then the *high* first when the candle closes down (``close < open``)
+    and the *low* first otherwise, then the other extreme, then ``close``."""
+    if close < open_:
+        return (open_, high, low, close)
+    return (open_, low, high, close)
+
+
 def crosses(side: Side, limit_price: Decimal, trade_price: Decimal) -> bool:
     """True when a trade at ``trade_price`` reaches a limit order at ``limit_price``."""
     if side == "BUY":

@@ -43,6 +43,8 @@ from gridstream.common.messages import (
     OrderFilled,
     OrderIntent,
     OrderRejected,
+    OrderType,
+    OrderTypes,
     Side,
     deterministic_id,
 )
@@ -75,6 +77,9 @@ class Reasons:
     MAX_EXPOSURE: Final = "MAX_EXPOSURE"
     INSUFFICIENT_POSITION: Final = "INSUFFICIENT_POSITION"
     UNKNOWN_ORDER: Final = "UNKNOWN_ORDER"
+    #: The venue path (executor) places limit orders only; market orders are backtest-only
+    #: until it can place and reconcile them.
+    ORDER_TYPE: Final = "ORDER_TYPE"
 
 
 Verdict = OrderApproved | OrderRejected
@@ -108,9 +113,12 @@ class RiskEngine:
         filters: Mapping[str, SymbolFilters],
         *,
         max_exposure_quote: Decimal = DEFAULT_MAX_EXPOSURE_QUOTE,
+        order_types: Iterable[OrderType] = (OrderTypes.LIMIT,),
     ) -> None:
         self.filters: dict[str, SymbolFilters] = dict(filters)
         self.max_exposure_quote = max_exposure_quote
+        #: The order types the venue path behind this engine can place.
+        self.order_types: frozenset[str] = frozenset(order_types)
         self.positions: dict[str, Decimal] = {}
         self.open_orders: dict[str, OpenOrder] = {}
         self._verdicts: OrderedDict[str, Verdict] = OrderedDict()
@@ -212,6 +220,10 @@ class RiskEngine:
         return self._approve(intent, ts)
 
     def _judge_place(self, intent: OrderIntent, ts: int) -> Verdict:
+        if intent.order_type not in self.order_types:
+            return self._reject(
+                intent, ts, Reasons.ORDER_TYPE, f"{intent.order_type} orders are not supported"
+            )
         f = self.filters.get(intent.symbol)
         if f is None:
             return self._reject(

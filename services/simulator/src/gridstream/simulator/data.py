@@ -33,6 +33,7 @@ from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 from gridstream.common.binance.market import INTERVAL_MS
+from gridstream.core import fills as fill_rules
 
 MINUTE_MS = 60_000
 Q8 = Decimal("0.00000001")
@@ -119,10 +120,9 @@ def first_open_time(path: Path) -> int:
 
 
 def path_vertices(c: Candle) -> tuple[Decimal, Decimal, Decimal, Decimal]:
-    """open, first extreme, second extreme, close (see module docstring)."""
-    if c.close < c.open:
-        return (c.open, c.high, c.low, c.close)
-    return (c.open, c.low, c.high, c.close)
+    """open, first extreme, second extreme, close (see module docstring): the kernel's
+    rule, :func:`gridstream.core.fills.path_vertices`."""
+    return fill_rules.path_vertices(c.open, c.high, c.low, c.close)
 
 
 def _allot(lengths: list[Decimal], k: int) -> list[int]:

@@ -1,1 +1,37 @@
-"""Strategies: events in, order intents out."""
+"""Strategies: events in, order intents out (:class:`~.base.Strategy`), by name."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from gridstream.core.strategies.base import Strategy, StrategySettingsError, StrategySpec
+from gridstream.core.strategies.grid import STRATEGY_NAME as GRID
+from gridstream.core.strategies.grid import GridEngine, GridParams
+from gridstream.core.strategies.sma_cross import NAME as SMA_CROSS
+from gridstream.core.strategies.sma_cross import SmaCross, SmaCrossParams
+
+#: Every strategy by the name ``--strategy`` and ``OrderIntent.strategy`` know it by.
+STRATEGIES: Final[dict[str, StrategySpec]] = {
+    GRID: StrategySpec(
+        GRID, GridParams, GridEngine, "the signal-driven dynamic grid (limit orders)"
+    ),
+    SMA_CROSS: StrategySpec(
+        SMA_CROSS,
+        SmaCrossParams,
+        SmaCross,
+        "reference: long-only crossover of two SMAs, market orders at the next open",
+    ),
+}
+
+
+def make(name: str, settings: dict[str, str] | None = None) -> Strategy:
+    """Build a strategy by name from text settings; the error names what is wrong."""
+    spec = STRATEGIES.get(name)
+    if spec is None:
+        raise StrategySettingsError(
+            f"unknown strategy {name!r} (known: {', '.join(sorted(STRATEGIES))})"
+        )
+    return spec.make(settings or {})
+
+
+__all__ = ["STRATEGIES", "Strategy", "StrategySettingsError", "StrategySpec", "make"]

@@ -202,7 +202,11 @@ class _Recent:
 
 
 class GridEngine:
-    """Grid state for any number of symbols."""
+    """Grid state for any number of symbols (the ``grid`` strategy)."""
+
+    name = STRATEGY_NAME
+    #: It decides on signals: a driver runs the signal engine in front of it.
+    wants_signals = True
 
     def __init__(self, params: GridParams | None = None) -> None:
         self.params = params or GridParams()

@@ -1,0 +1,481 @@
+"""The backtest driver: candles through the very engines that trade, candle by candle.
+
+For each closed candle, across symbols in close-time order (then by symbol):
+
+1. **Fills.** The orders of the candle's symbol meet the candle's price path, the
+   simulator's documented path: ``open -> first extreme -> second extreme -> close``, the
+   high first when the candle closes down (``close < open``), else the low first
+   (:func:`gridstream.core.fills.path_vertices`). Vertex ``k`` is at
+   ``open_time + k x interval / 3``; an order takes part from ``submitted + latency_ms``.
+
+   * A MARKET order fills as taker at the first vertex it is active at, moved against it
+     by ``slippage_bps``.
+   * A LIMIT order that would cross when it becomes active fills as taker at that price.
+     Otherwise it rests and fills as maker at its own price once the path reaches it:
+     on touch (``queue="touch"``: a BUY at ``P`` when the path trades at ``<= P``), or
+     only when the price trades through it by one tick (``queue="through"``: ``<= P -
+     tick``). Resting orders fill in the order the path meets them.
+   * With ``volume_share`` set, the fills of one candle are capped by that share of its
+     volume, shared by the orders in the order they fill; the rest of an order waits for
+     the next candle (a market order's rest fills at the next open). Without it an order
+     fills whole.
+   * Fees: ``maker_fee`` / ``taker_fee`` (per symbol if given), charged in the asset
+     received (Binance's rule) or, with ``fee_in_quote``, always in the quote asset.
+2. Each fill goes to the portfolio, then to the strategy as an ``OrderFilled``.
+3. The candle's close marks the portfolio; equity is recorded once per close time.
+4. The candle goes to the strategy; for a strategy that decides on signals, it first
+   goes to the signal engine, and each signal to the strategy.
+5. Intents: ``cancel`` takes the order off the book (``OrderCanceled``); ``place`` is
+   checked (a BUY the quote balance cannot pay, a SELL above what is held: rejected with
+   an ``OrderRejected``), then queued, submitted at the candle's close; a resting LIMIT
+   order is ``OrderAccepted`` at once.
+
+Everything is a pure function of the candles, the settings and the strategy: the same
+inputs give the same fills, to the last digit.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Literal
+
+from gridstream.common.messages import (
+    AnyMessage,
+    Candle,
+    OrderAccepted,
+    OrderCanceled,
+    OrderFilled,
+    OrderIntent,
+    OrderRejected,
+    OrderTypes,
+    Side,
+    deterministic_id,
+)
+from gridstream.core.fills import path_vertices
+from gridstream.core.portfolio import Portfolio
+from gridstream.core.signals.engine import SignalEngine
+from gridstream.core.strategies.base import Strategy
+
+ZERO = Decimal(0)
+ONE = Decimal(1)
+BPS = Decimal(10_000)
+VENUE = "backtest"
+Queue = Literal["touch", "through"]
+
+
+class Rejections:
+    """Reasons the backtest's own checks give (beside the risk engine's)."""
+
+    INSUFFICIENT_BALANCE: str = "INSUFFICIENT_BALANCE"
+    INSUFFICIENT_POSITION: str = "INSUFFICIENT_POSITION"
+    DUPLICATE_ORDER: str = "DUPLICATE_ORDER"
+
+
+@dataclass(frozen=True)
+class FillSettings:
+    """How orders fill (the settings the simulator and replay share)."""
+
+    maker_fee: Decimal = Decimal("0.001")
+    taker_fee: Decimal = Decimal("0.001")
+    #: symbol -> (maker, taker), over the two above
+    fees_by_symbol: Mapping[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
+    #: True: every fee in the quote asset; False: in the asset received (Binance).
+    fee_in_quote: bool = False
+    #: Share of a candle's volume the orders may take in that candle, in (0, 1]; None:
+    #: no cap (what backtesting.py and most backtesters do).
+    volume_share: Decimal | None = None
+    queue: Queue = "touch"
+    #: symbol -> tick size, for ``queue="through"``
+    tick_sizes: Mapping[str, Decimal] = field(default_factory=dict)
+    default_tick: Decimal = Decimal("0.01")
+    latency_ms: int = 0
+    #: Market orders fill this far beyond the path's price (against the order).
+    slippage_bps: Decimal = ZERO
+    fee_places: int = 8
+
+    def __post_init__(self) -> None:
+        if self.volume_share is not None and not ZERO < self.volume_share <= ONE:
+            raise ValueError("volume_share must be in (0, 1]")
+        if self.queue not in ("touch", "through"):
+            raise ValueError("queue must be 'touch' or 'through'")
+        if self.latency_ms < 0:
+            raise ValueError("latency_ms must be >= 0")
+        if self.slippage_bps < 0 or self.maker_fee < 0 or self.taker_fee < 0:
+            raise ValueError("fees and slippage must be >= 0")
+
+    def fees(self, symbol: str) -> tuple[Decimal, Decimal]:
+        return self.fees_by_symbol.get(symbol, (self.maker_fee, self.taker_fee))
+
+    def tick(self, symbol: str) -> Decimal:
+        return self.tick_sizes.get(symbol, self.default_tick)
+
+
+@dataclass(frozen=True)
+class Fill:
+    """One fill of the backtest (what ``fills.csv`` holds)."""
+
+    time_ms: int
+    symbol: str
+    side: Side
+    price: Decimal
+    qty: Decimal
+    fee: Decimal
+    fee_asset: str
+    liquidity: Literal["maker", "taker"]
+    client_order_id: str
+
+
+@dataclass(frozen=True)
+class EquityPoint:
+    time_ms: int
+    equity: Decimal
+    positions: tuple[Decimal, ...]
+
+
+@dataclass
+class _Order:
+    intent: OrderIntent
+    active_from_ms: int
+    filled: Decimal = ZERO
+    accepted: bool = False
+    #: It has reached the book (at the first vertex it was active at).
+    arrived: bool = False
+
+    @property
+    def remaining(self) -> Decimal:
+        return self.intent.qty - self.filled
+
+
+@dataclass
+class BacktestResult:
+    symbols: tuple[str, ...]
+    fills: list[Fill]
+    equity: list[EquityPoint]
+    portfolio: Portfolio
+    interval_ms: int
+    rejected: list[OrderRejected]
+    #: symbol -> [(time_ms, side, price)] of every limit order placed (grid levels)
+    levels: dict[str, list[tuple[int, Side, Decimal]]]
+    start_cash: Decimal
+    first_open: dict[str, Decimal]
+    last_close: dict[str, Decimal]
+    candles: int
+
+
+def _q(value: Decimal, places: int) -> Decimal:
+    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+
+
+class Backtester:
+    """Holds the book, the portfolio and the engines of one run."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        symbols: Mapping[str, tuple[str, str]],
+        *,
+        cash: Decimal,
+        fill: FillSettings | None = None,
+        signals: SignalEngine | None = None,
+        interval_ms: int = 60_000,
+        record_levels: bool = True,
+    ) -> None:
+        quotes = {q for _b, q in symbols.values()}
+        if len(quotes) != 1:
+            raise ValueError(f"one quote asset per backtest, got {sorted(quotes)}")
+        self.strategy = strategy
+        self.symbols = tuple(sorted(symbols))
+        self.assets = dict(symbols)
+        self.fill = fill or FillSettings()
+        self.portfolio = Portfolio.start(quotes.pop(), cash, symbols)
+        self.signals = signals if signals is not None else SignalEngine()
+        self.interval_ms = interval_ms
+        self.book: dict[str, dict[str, _Order]] = {s: {} for s in self.symbols}
+        self.known: set[str] = set()
+        self.fills: list[Fill] = []
+        self.equity: list[EquityPoint] = []
+        self.rejected: list[OrderRejected] = []
+        self.levels: dict[str, list[tuple[int, Side, Decimal]]] = {s: [] for s in self.symbols}
+        self.record_levels = record_levels
+        self.start_cash = cash
+        self.first_open: dict[str, Decimal] = {}
+        self.last_close: dict[str, Decimal] = {}
+        self.candles = 0
+        self._trade_no = 0
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(
+        self,
+        candles: Mapping[str, Iterable[Candle]],
+        progress: Callable[[int], None] | None = None,
+    ) -> BacktestResult:
+        def keyed(sym: str, it: Iterable[Candle]) -> Iterable[tuple[int, str, Candle]]:
+            return ((c.close_time, sym, c) for c in it)
+
+        merged = heapq.merge(*(keyed(s, candles[s]) for s in sorted(candles)))
+        last_time: int | None = None
+        for n, (close_time, _sym, c) in enumerate(merged, 1):
+            if last_time is not None and close_time != last_time:
+                self._record(last_time)
+            last_time = close_time
+            self.step(c)
+            if progress is not None and n % 10_000 == 0:
+                progress(10_000)
+        if last_time is not None:
+            self._record(last_time)
+        return self.result()
+
+    def step(self, c: Candle) -> None:
+        """One closed candle: fills, marks, the strategy's decisions."""
+        self.candles += 1
+        self.first_open.setdefault(c.symbol, c.open)
+        self.last_close[c.symbol] = c.close
+        for event in self._fills_in(c):
+            self._feed(event, c)
+        self.portfolio.mark(c.symbol, c.close)
+        self._feed(c, c)
+        if self.strategy.wants_signals:
+            for sig in self.signals.on_candle(c):
+                self._feed(sig, c)
+
+    def _feed(self, msg: AnyMessage, c: Candle) -> None:
+        for intent in self.strategy.on_message(msg):
+            for reply in self._submit(intent, c.close_time + 1):
+                self._feed(reply, c)
+
+    def _record(self, time_ms: int) -> None:
+        pos = tuple(self.portfolio.positions[s].qty for s in self.symbols)
+        self.equity.append(EquityPoint(time_ms, self.portfolio.equity(), pos))
+
+    def result(self) -> BacktestResult:
+        return BacktestResult(
+            symbols=self.symbols,
+            fills=self.fills,
+            equity=self.equity,
+            portfolio=self.portfolio,
+            interval_ms=self.interval_ms,
+            rejected=self.rejected,
+            levels=self.levels,
+            start_cash=self.start_cash,
+            first_open=self.first_open,
+            last_close=self.last_close,
+            candles=self.candles,
+        )
+
+    # -- orders -------------------------------------------------------------------------------
+    def _reject(self, intent: OrderIntent, reason: str, detail: str) -> OrderRejected:
+        r = OrderRejected(
+            id=deterministic_id("reject", intent.id),
+            ts_event=intent.ts_event,
+            ts_init=intent.ts_event,
+            intent_id=intent.id,
+            action=intent.action,
+            symbol=intent.symbol,
+            client_order_id=intent.client_order_id,
+            reason=reason,
+            detail=detail,
+        )
+        self.rejected.append(r)
+        return r
+
+    def _submit(self, intent: OrderIntent, now_ms: int) -> list[AnyMessage]:
+        book = self.book[intent.symbol]
+        coid = intent.client_order_id
+        ts = now_ms * 1_000_000
+        if intent.action == "cancel":
+            gone = book.pop(coid, None)
+            if gone is None:
+                return []
+            return [
+                OrderCanceled(
+                    id=deterministic_id("canceled", coid),
+                    ts_event=ts,
+                    ts_init=ts,
+                    symbol=intent.symbol,
+                    client_order_id=coid,
+                    venue_order_id=coid,
+                    filled_qty=gone.filled,
+                )
+            ]
+        if coid in self.known:
+            return [self._reject(intent, Rejections.DUPLICATE_ORDER, f"{coid} was placed before")]
+        base, quote = self.assets[intent.symbol]
+        pf = self.portfolio
+        if intent.side == "BUY":
+            committed = sum(
+                (o.intent.price * o.remaining for o in book.values() if o.intent.side == "BUY"),
+                ZERO,
+            )
+            need = intent.price * intent.qty * (ONE + self.fill.fees(intent.symbol)[1])
+            if pf.balance(quote) - committed < need:
+                return [
+                    self._reject(
+                        intent,
+                        Rejections.INSUFFICIENT_BALANCE,
+                        f"{quote} {pf.balance(quote) - committed} free, {need} needed",
+                    )
+                ]
+        else:
+            committed = sum((o.remaining for o in book.values() if o.intent.side == "SELL"), ZERO)
+            if pf.balance(base) - committed < intent.qty:
+                return [
+                    self._reject(
+                        intent,
+                        Rejections.INSUFFICIENT_POSITION,
+                        f"{base} {pf.balance(base) - committed} free, {intent.qty} to sell",
+                    )
+                ]
+        self.known.add(coid)
+        order = _Order(intent, active_from_ms=now_ms + self.fill.latency_ms)
+        book[coid] = order
+        if intent.order_type == OrderTypes.MARKET:
+            return []
+        if self.record_levels:
+            self.levels[intent.symbol].append((now_ms, intent.side, intent.price))
+        order.accepted = True
+        return [
+            OrderAccepted(
+                id=deterministic_id("accepted", coid),
+                ts_event=ts,
+                ts_init=ts,
+                symbol=intent.symbol,
+                client_order_id=coid,
+                venue_order_id=coid,
+                side=intent.side,
+                price=intent.price,
+                qty=intent.qty,
+            )
+        ]
+
+    # -- fills ----------------------------------------------------------------------------------
+    def _fills_in(self, c: Candle) -> list[OrderFilled]:
+        book = self.book[c.symbol]
+        if not book:
+            return []
+        fs = self.fill
+        maker, taker = fs.fees(c.symbol)
+        through = fs.tick(c.symbol) if fs.queue == "through" else ZERO
+        vertices = path_vertices(c.open, c.high, c.low, c.close)
+        span = c.close_time + 1 - c.open_time
+        times = [c.open_time + (k * span) // 3 for k in range(3)] + [c.close_time]
+        budget = c.volume * fs.volume_share if fs.volume_share is not None else None
+        out: list[OrderFilled] = []
+        for k in range(4):
+            at, now = vertices[k], times[k]
+            prev = vertices[k - 1] if k else at
+            lo, hi = (prev, at) if prev <= at else (at, prev)
+            resting: list[tuple[Decimal, str, _Order]] = []
+            arriving: list[tuple[_Order, Decimal]] = []
+            for coid, o in book.items():
+                if o.active_from_ms > now or o.remaining <= 0:
+                    continue
+                it = o.intent
+                if not o.arrived:
+                    # it reaches the book at this vertex: a market order, or a limit order
+                    # that crosses the price there, takes liquidity; any other rests
+                    o.arrived = True
+                    if it.order_type == OrderTypes.MARKET:
+                        slip = at * fs.slippage_bps / BPS
+                        arriving.append((o, at + slip if it.side == "BUY" else at - slip))
+                    elif (it.side == "BUY" and it.price >= at) or (
+                        it.side == "SELL" and it.price <= at
+                    ):
+                        arriving.append((o, at))
+                    continue
+                if it.order_type == OrderTypes.MARKET:
+                    continue  # filled at arrival, only a volume cap leaves a rest: below
+                if (it.side == "BUY" and lo <= it.price - through) or (
+                    it.side == "SELL" and hi >= it.price + through
+                ):
+                    # the path meets the nearest level first on its way from `prev`
+                    resting.append((abs(it.price - prev), coid, o))
+            resting.sort(key=lambda r: (r[0], r[1]))
+            batch = [(o, o.intent.price, "maker") for _d, _c, o in resting]
+            batch += [(o, px, "taker") for o, px in arriving]
+            for o, px, liq in batch:
+                if budget is None:
+                    qty = o.remaining
+                elif budget <= 0:
+                    break
+                else:
+                    qty = min(o.remaining, budget)
+                    budget -= qty
+                rate = maker if liq == "maker" else taker
+                out.append(self._fill(o, px, qty, liq, rate, now))  # type: ignore[arg-type]
+                if o.remaining <= 0:
+                    book.pop(o.intent.client_order_id, None)
+        # a market order the volume cap left unfilled goes on at the next candle's open
+        for o in book.values():
+            if o.intent.order_type == OrderTypes.MARKET and o.arrived:
+                o.arrived = False
+        return out
+
+    def _fill(
+        self,
+        o: _Order,
+        price: Decimal,
+        qty: Decimal,
+        liquidity: Literal["maker", "taker"],
+        rate: Decimal,
+        now_ms: int,
+    ) -> OrderFilled:
+        it = o.intent
+        base, quote = self.assets[it.symbol]
+        places = self.fill.fee_places
+        if self.fill.fee_in_quote or it.side == "SELL":
+            fee, fee_asset = _q(price * qty * rate, places), quote
+        else:
+            fee, fee_asset = _q(qty * rate, places), base
+        o.filled += qty
+        self._trade_no += 1
+        self.portfolio.apply_fill(it.symbol, it.side, price, qty, fee, fee_asset)
+        self.fills.append(
+            Fill(
+                now_ms,
+                it.symbol,
+                it.side,
+                price,
+                qty,
+                fee,
+                fee_asset,
+                liquidity,
+                it.client_order_id,
+            )
+        )
+        ts = now_ms * 1_000_000
+        return OrderFilled(
+            id=deterministic_id("fill", VENUE, it.symbol, self._trade_no),
+            ts_event=ts,
+            ts_init=ts,
+            symbol=it.symbol,
+            client_order_id=it.client_order_id,
+            venue_order_id=it.client_order_id,
+            trade_id=str(self._trade_no),
+            side=it.side,
+            price=price,
+            qty=qty,
+            fee=fee,
+            fee_asset=fee_asset,
+            liquidity=liquidity,
+            venue=VENUE,
+        )
+
+
+def run_backtest(
+    strategy: Strategy,
+    candles: Mapping[str, Sequence[Candle]],
+    symbols: Mapping[str, tuple[str, str]],
+    *,
+    cash: Decimal,
+    fill: FillSettings | None = None,
+    signals: SignalEngine | None = None,
+    interval_ms: int = 60_000,
+    progress: Callable[[int], None] | None = None,
+) -> BacktestResult:
+    bt = Backtester(
+        strategy, symbols, cash=cash, fill=fill, signals=signals, interval_ms=interval_ms
+    )
+    return bt.run(candles, progress)
