@@ -130,9 +130,13 @@ class Fill:
 
 @dataclass(frozen=True)
 class EquityPoint:
+    """Equity at one close time, with each symbol's position and last price (in the
+    order of :attr:`BacktestResult.symbols`; a price is None before its first candle)."""
+
     time_ms: int
     equity: Decimal
     positions: tuple[Decimal, ...]
+    prices: tuple[Decimal | None, ...]
 
 
 @dataclass
@@ -163,6 +167,7 @@ class BacktestResult:
     first_open: dict[str, Decimal]
     last_close: dict[str, Decimal]
     candles: int
+    fill_settings: FillSettings
 
 
 def _q(value: Decimal, places: int) -> Decimal:
@@ -247,8 +252,10 @@ class Backtester:
                 self._feed(reply, c)
 
     def _record(self, time_ms: int) -> None:
-        pos = tuple(self.portfolio.positions[s].qty for s in self.symbols)
-        self.equity.append(EquityPoint(time_ms, self.portfolio.equity(), pos))
+        positions = self.portfolio.positions
+        pos = tuple(positions[s].qty for s in self.symbols)
+        prices = tuple(positions[s].last_price for s in self.symbols)
+        self.equity.append(EquityPoint(time_ms, self.portfolio.equity(), pos, prices))
 
     def result(self) -> BacktestResult:
         return BacktestResult(
@@ -263,6 +270,7 @@ class Backtester:
             first_open=self.first_open,
             last_close=self.last_close,
             candles=self.candles,
+            fill_settings=self.fill,
         )
 
     # -- orders -------------------------------------------------------------------------------

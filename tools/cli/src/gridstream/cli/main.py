@@ -178,7 +178,56 @@ def build_parser() -> argparse.ArgumentParser:
 
     history_mod.add_parsers(sub)
     signals_export.add_parser(sub)
+    add_backtest_parser(sub)
     return p
+
+
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from . import backtest as backtest_mod
+
+    try:
+        backtest_mod.run(
+            strategy=args.strategy,
+            candles=args.candles,
+            out=Path(args.out),
+            sets=args.set or [],
+            config=args.config,
+            cash=args.cash,
+            fee=args.fee,
+            slippage_bps=args.slippage_bps,
+            database_url=os.environ.get("DATABASE_URL"),
+        )
+    except backtest_mod.BacktestError as exc:
+        print(f"gridstream backtest: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_backtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gridstream.core.strategies import STRATEGIES
+
+    bt = sub.add_parser(
+        "backtest",
+        help="run a strategy of the kernel over candles (files or the candles table)",
+        description="Run a strategy of the trading kernel over candles; writes fills.csv, "
+        "equity.csv, metrics.json and report.html to --out. Strategies: "
+        + "; ".join(f"{n}: {s.help}" for n, s in sorted(STRATEGIES.items())),
+    )
+    bt.add_argument("--strategy", required=True, choices=sorted(STRATEGIES))
+    bt.add_argument(
+        "--candles",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="CSV/Parquet files (symbol from the file name or a column), or db:SYM,SYM[@1m]",
+    )
+    bt.add_argument("--out", required=True, metavar="DIR")
+    bt.add_argument("--set", action="append", metavar="KEY=VALUE", help="a strategy setting")
+    bt.add_argument("--config", metavar="FILE.toml", help="[strategy], [fill], [backtest]")
+    bt.add_argument("--cash", help="starting quote balance (default 700)")
+    bt.add_argument("--fee", help="maker and taker fee, a fraction (default 0.001)")
+    bt.add_argument("--slippage-bps", help="market orders fill this much worse (default 0)")
+    bt.set_defaults(fn=cmd_backtest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,190 @@
+"""Performance figures of a backtest (analytics: floats are fine here).
+
+Definitions (``metrics.json`` keys; ``E_i`` is equity at the close of bar ``i``, ``r_i =
+E_i / E_{i-1} - 1`` the per-bar return, ``N = 365.25 x 86,400,000 / interval_ms`` bars
+per year, no risk-free rate):
+
+* ``total_return`` = ``E_end / E_start - 1``; ``cagr`` = ``(E_end / E_start) ** (1 /
+  years) - 1`` with ``years`` = (last close - first open) / 365.25 days.
+* ``sharpe`` = ``mean(r) / stdev(r) x sqrt(N)`` (sample stdev); ``sortino`` =
+  ``mean(r) / sqrt(mean(min(r, 0)^2)) x sqrt(N)``.
+* ``max_drawdown`` = ``max(1 - E_i / max(E_0..E_i))``, a positive fraction;
+  ``max_drawdown_duration_ms`` the longest time from a peak to the first equity back at
+  or above it (or to the end); ``calmar`` = ``cagr / max_drawdown``.
+* Round trips: sells matched against earlier buys of the symbol, first in first out;
+  each matched quantity is one part of a round trip, and a sell that closes some
+  quantity is one round trip. ``win_rate`` = share of round trips with a positive
+  result (after both fills' fees, pro rata); ``profit_factor`` = gross wins / gross
+  losses.
+* ``exposure`` = share of bars that ended with a position; ``turnover`` = quote notional
+  traded / starting equity; ``fees`` in the quote asset (base fees at the fill price).
+* ``grid_profit`` = profit realised by round trips (average cost, before fees);
+  ``inventory_pnl`` = mark-to-market result of what is still held; so that
+  ``E_end - E_start = grid_profit + inventory_pnl - fees``.
+* ``buy_and_hold``: the starting cash split equally over the symbols, each bought at its
+  first open with the taker fee and held to its last close: ``total_return``, ``cagr``,
+  ``sharpe``, ``max_drawdown``, ``final_equity``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from gridstream.core.backtest import BacktestResult, Fill
+
+YEAR_MS = 365.25 * 86_400_000
+
+
+def _returns(equity: Sequence[float]) -> list[float]:
+    return [equity[i] / equity[i - 1] - 1 for i in range(1, len(equity)) if equity[i - 1]]
+
+
+def sharpe(returns: Sequence[float], per_year: float) -> float:
+    n = len(returns)
+    if n < 2:
+        return 0.0
+    mean = sum(returns) / n
+    var = sum((r - mean) ** 2 for r in returns) / (n - 1)
+    return mean / math.sqrt(var) * math.sqrt(per_year) if var > 0 else 0.0
+
+
+def sortino(returns: Sequence[float], per_year: float) -> float:
+    n = len(returns)
+    if n < 2:
+        return 0.0
+    mean = sum(returns) / n
+    down = math.sqrt(sum(min(r, 0.0) ** 2 for r in returns) / n)
+    return mean / down * math.sqrt(per_year) if down > 0 else 0.0
+
+
+def drawdown(times: Sequence[int], equity: Sequence[float]) -> tuple[float, int, list[float]]:
+    """(max drawdown, its longest duration in ms, the drawdown series)."""
+    peak = -math.inf
+    peak_t = times[0] if times else 0
+    worst = 0.0
+    longest = 0
+    series = []
+    for t, e in zip(times, equity, strict=True):
+        if e >= peak:
+            longest = max(longest, t - peak_t)
+            peak, peak_t = e, t
+        dd = 1 - e / peak if peak > 0 else 0.0
+        series.append(dd)
+        worst = max(worst, dd)
+    if times:
+        longest = max(longest, times[-1] - peak_t)
+    return worst, longest, series
+
+
+def cagr(start: float, end: float, years: float) -> float:
+    if start <= 0 or years <= 0 or end <= 0:
+        return 0.0
+    return float((end / start) ** (1 / years) - 1)
+
+
+def round_trips(fills: Sequence[Fill], quote_of: dict[str, str]) -> list[float]:
+    """Net result of each round trip (FIFO), fees pro rata, in the quote asset."""
+    lots: dict[str, deque[list[Decimal]]] = {}
+    out: list[float] = []
+    for f in fills:
+        fee_q = f.fee if f.fee_asset == quote_of[f.symbol] else f.fee * f.price
+        if f.side == "BUY":
+            lots.setdefault(f.symbol, deque()).append([f.qty, f.price, fee_q / f.qty])
+            continue
+        book = lots.setdefault(f.symbol, deque())
+        left = f.qty
+        result = Decimal(0)
+        matched = False
+        while left > 0 and book:
+            lot = book[0]
+            take = min(left, lot[0])
+            result += (f.price - lot[1]) * take - lot[2] * take - fee_q * take / f.qty
+            lot[0] -= take
+            left -= take
+            matched = True
+            if lot[0] <= 0:
+                book.popleft()
+        if matched:
+            out.append(float(result))
+    return out
+
+
+def compute(result: BacktestResult) -> dict[str, Any]:
+    """Every figure of ``metrics.json`` (see the module docstring)."""
+    pts = result.equity
+    times = [p.time_ms for p in pts]
+    eq = [float(p.equity) for p in pts]
+    start = float(result.start_cash)
+    end = eq[-1] if eq else start
+    per_year = YEAR_MS / result.interval_ms
+    span_ms = (times[-1] + 1 - (times[0] + 1 - result.interval_ms)) if times else 0
+    years = span_ms / YEAR_MS
+    rets = _returns([start, *eq])
+    mdd, mdd_ms, _series = drawdown(times, eq)
+    c = cagr(start, end, years)
+    pf = result.portfolio
+    quote_of = {s: pf.positions[s].quote for s in result.symbols}
+    trips = round_trips(result.fills, quote_of)
+    wins = [t for t in trips if t > 0]
+    losses = [-t for t in trips if t < 0]
+    exposed = sum(1 for p in pts if any(q != 0 for q in p.positions))
+    return {
+        "start_equity": start,
+        "final_equity": end,
+        "total_return": end / start - 1 if start else 0.0,
+        "cagr": c,
+        "sharpe": sharpe(rets, per_year),
+        "sortino": sortino(rets, per_year),
+        "calmar": c / mdd if mdd > 0 else 0.0,
+        "max_drawdown": mdd,
+        "max_drawdown_duration_ms": mdd_ms,
+        "win_rate": len(wins) / len(trips) if trips else 0.0,
+        "profit_factor": (sum(wins) / sum(losses)) if losses else (math.inf if wins else 0.0),
+        "exposure": exposed / len(pts) if pts else 0.0,
+        "turnover": float(pf.turnover()) / start if start else 0.0,
+        "fees": float(pf.fees()),
+        "round_trips": len(trips),
+        "fills": len(result.fills),
+        "grid_profit": float(pf.realised()),
+        "inventory_pnl": float(pf.unrealised()),
+        "bars": len(pts),
+        "candles": result.candles,
+        "interval_ms": result.interval_ms,
+        "years": years,
+        "buy_and_hold": buy_and_hold(result, per_year, years),
+    }
+
+
+def buy_and_hold(result: BacktestResult, per_year: float, years: float) -> dict[str, Any]:
+    """The same cash split equally, each symbol bought at its first open and held."""
+    symbols = [s for s in result.symbols if s in result.first_open]
+    if not symbols or not result.equity:
+        return {}
+    cash = result.start_cash / len(symbols)
+    qty = {
+        s: cash / (result.first_open[s] * (1 + result.fill_settings.fees(s)[1])) for s in symbols
+    }
+    index = {s: result.symbols.index(s) for s in symbols}
+    eq = []
+    for p in result.equity:
+        total = 0.0
+        for s in symbols:
+            px = p.prices[index[s]]
+            # before a symbol's first candle its cash is still cash
+            total += float(qty[s] * px) if px is not None else float(cash)
+        eq.append(total)
+    start = float(result.start_cash)
+    end = eq[-1]
+    times = [p.time_ms for p in result.equity]
+    mdd, _, _ = drawdown(times, eq)
+    return {
+        "total_return": end / start - 1,
+        "cagr": cagr(start, end, years),
+        "sharpe": sharpe(_returns([start, *eq]), per_year),
+        "max_drawdown": mdd,
+        "final_equity": end,
+    }

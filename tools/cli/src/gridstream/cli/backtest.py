@@ -1,0 +1,483 @@
+"""``gridstream backtest``: a strategy of the kernel over candles from files or Postgres.
+
+    gridstream backtest --strategy NAME --candles PATH [PATH...] --out DIR
+        [--set KEY=VALUE]... [--config FILE.toml] [--cash 700] [--fee 0.001]
+        [--slippage-bps 0]
+
+Candles: CSV (the repo's ``data/klines`` layout, ``open_time_ms,open,high,low,close,
+volume,...``, or Binance's headerless kline CSV), gzipped or not, or Parquet with the
+same columns (``open_time`` accepted for ``open_time_ms``); the symbol comes from a
+``symbol`` column or the file name (``BTCUSDT-1m.csv.gz``), the interval from the file
+name or the spacing of the open times. ``db:BTCUSDT,ETHUSDT[@1m]`` reads the ``candles``
+table of ``DATABASE_URL`` instead. No Redis and no Postgres are needed for files.
+
+``--out DIR`` gets (columns in docs/backtest.md):
+
+* ``fills.csv``: time (epoch ms), symbol, side, price, qty, fee, fee_asset, liquidity,
+  client_order_id;
+* ``equity.csv``: time (epoch ms, the bar's close), equity, then one ``pos_<SYMBOL>``
+  column per symbol (base units held);
+* ``metrics.json``: :mod:`gridstream.core.performance` (definitions there);
+* ``report.html``: one offline file: equity, drawdown, and per symbol the price with the
+  grid levels and the fills.
+
+The config file (TOML) may hold ``[strategy]`` (the ``--set`` keys), ``[fill]`` (the
+:class:`~gridstream.core.backtest.FillSettings` fields: ``maker_fee``, ``taker_fee``,
+``fee_in_quote``, ``volume_share``, ``queue``, ``latency_ms``, ``slippage_bps``,
+``[fill.fees.<SYMBOL>]`` with ``maker``/``taker``, ``[fill.tick_sizes]``) and
+``[backtest]`` (``cash``). Command-line values win over the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import json
+import math
+import sys
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Final
+
+from gridstream.common.binance.market import INTERVAL_MS
+from gridstream.common.messages import Candle
+from gridstream.core import performance
+from gridstream.core.backtest import Backtester, BacktestResult, FillSettings
+from gridstream.core.strategies import STRATEGIES, StrategySettingsError, make
+from gridstream.core.strategies.grid import QUOTE_ASSETS, base_asset
+
+DB_PREFIX: Final = "db:"
+FILLS_CSV: Final = "fills.csv"
+EQUITY_CSV: Final = "equity.csv"
+METRICS_JSON: Final = "metrics.json"
+REPORT_HTML: Final = "report.html"
+FILL_COLUMNS: Final = (
+    "time",
+    "symbol",
+    "side",
+    "price",
+    "qty",
+    "fee",
+    "fee_asset",
+    "liquidity",
+    "client_order_id",
+)
+#: Runs longer than this many candles show a progress bar (on a terminal).
+PROGRESS_FROM: Final = 200_000
+_NAME_OF_MS: Final = {ms: name for name, ms in INTERVAL_MS.items()}
+
+
+class BacktestError(Exception):
+    """Bad input to the backtest; the message says which and why."""
+
+
+@dataclass
+class Series:
+    symbol: str
+    interval: str
+    candles: list[Candle]
+
+
+def _symbol_from_name(path: Path) -> str | None:
+    stem = path.name.split(".")[0]
+    head = stem.split("-")[0].upper()
+    return head if any(head.endswith(q) and len(head) > len(q) for q in QUOTE_ASSETS) else None
+
+
+def _interval_from_name(path: Path) -> str | None:
+    stem = path.name.split(".")[0]
+    parts = stem.split("-")
+    return parts[1] if len(parts) > 1 and parts[1] in INTERVAL_MS else None
+
+
+def _rows_from_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    text = raw.decode("ascii", errors="strict")
+    reader = csv.reader(io.StringIO(text))
+    rows = [r for r in reader if r]
+    if not rows:
+        raise BacktestError(f"{path}: empty file")
+    if rows[0][0].strip().isdigit():
+        # Binance's headerless kline CSV: open time, o, h, l, c, v, close time, ...
+        header = ["open_time_ms", "open", "high", "low", "close", "volume", "close_time_ms"]
+        return header, rows
+    return [h.strip().lower() for h in rows[0]], rows[1:]
+
+
+def _rows_from_parquet(path: Path) -> tuple[list[str], list[list[str]]]:
+    import polars as pl
+
+    df = pl.read_parquet(path)
+    header = [c.lower() for c in df.columns]
+    df = df.select([pl.col(c).cast(pl.Utf8) for c in df.columns])
+    return header, [list(r) for r in df.iter_rows()]
+
+
+def load_file(path: Path) -> list[Series]:
+    """The candles of one file, by symbol, sorted by open time."""
+    if not path.exists():
+        raise BacktestError(f"{path}: no such file")
+    try:
+        if path.suffix == ".parquet":
+            header, rows = _rows_from_parquet(path)
+        else:
+            header, rows = _rows_from_csv(path)
+    except (OSError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+        raise BacktestError(f"{path}: cannot read: {exc}") from None
+    col = {name: i for i, name in enumerate(header)}
+    if "open_time_ms" not in col and "open_time" in col:
+        col["open_time_ms"] = col["open_time"]
+    missing = [
+        c for c in ("open_time_ms", "open", "high", "low", "close", "volume") if c not in col
+    ]
+    if missing:
+        raise BacktestError(f"{path}: missing column(s) {', '.join(missing)}")
+    named = _symbol_from_name(path)
+    by_symbol: dict[str, list[list[str]]] = {}
+    if "symbol" in col:
+        for r in rows:
+            by_symbol.setdefault(r[col["symbol"]].upper(), []).append(r)
+    elif named is not None:
+        by_symbol[named] = rows
+    else:
+        raise BacktestError(f"{path}: no symbol column and no symbol in the file name")
+    out = []
+    iot, io_, ih, il, ic, iv = (
+        col["open_time_ms"],
+        col["open"],
+        col["high"],
+        col["low"],
+        col["close"],
+        col["volume"],
+    )
+    for symbol, srows in by_symbol.items():
+        try:
+            opens = sorted((int(r[iot]), r) for r in srows)
+        except ValueError as exc:
+            raise BacktestError(f"{path}: bad open time: {exc}") from None
+        interval = _interval_from_name(path)
+        if interval is None:
+            gaps = [b[0] - a[0] for a, b in itertools.pairwise(opens)]
+            step = min(gaps) if gaps else 60_000
+            interval = _NAME_OF_MS.get(step)
+            if interval is None:
+                raise BacktestError(f"{path}: open times {step} ms apart: not a kline interval")
+        ms = INTERVAL_MS[interval]
+        candles = []
+        for n, (t, r) in enumerate(opens):
+            try:
+                candles.append(
+                    Candle(
+                        id=f"bt:{symbol}:{interval}:{t}",
+                        ts_event=(t + ms) * 1_000_000,
+                        ts_init=(t + ms) * 1_000_000,
+                        symbol=symbol,
+                        interval=interval,
+                        open_time=t,
+                        close_time=t + ms - 1,
+                        open=Decimal(r[io_]),
+                        high=Decimal(r[ih]),
+                        low=Decimal(r[il]),
+                        close=Decimal(r[ic]),
+                        volume=Decimal(r[iv]),
+                        source="file",
+                    )
+                )
+            except (InvalidOperation, IndexError, TypeError):
+                raise BacktestError(f"{path}: bad candle row {n + 2}: {r}") from None
+        out.append(Series(symbol, interval, candles))
+    return out
+
+
+async def _load_db(spec: str, database_url: str) -> list[Series]:
+    import asyncpg
+
+    body = spec[len(DB_PREFIX) :]
+    symbols_part, _, interval = body.partition("@")
+    interval = interval or "1m"
+    if interval not in INTERVAL_MS:
+        raise BacktestError(f"{spec}: unknown interval {interval!r}")
+    symbols = [s.strip().upper() for s in symbols_part.split(",") if s.strip()]
+    conn = await asyncpg.connect(database_url)
+    try:
+        out = []
+        for symbol in symbols:
+            rows = await conn.fetch(
+                "SELECT open_time, close_time, open, high, low, close, volume FROM candles"
+                " WHERE symbol = $1 AND interval = $2 ORDER BY open_time",
+                symbol,
+                interval,
+            )
+            if not rows:
+                raise BacktestError(f"{spec}: no {interval} candles of {symbol} in the database")
+            out.append(
+                Series(
+                    symbol,
+                    interval,
+                    [
+                        Candle(
+                            id=f"bt:{symbol}:{interval}:{r['open_time']}",
+                            ts_event=(r["close_time"] + 1) * 1_000_000,
+                            ts_init=(r["close_time"] + 1) * 1_000_000,
+                            symbol=symbol,
+                            interval=interval,
+                            open_time=r["open_time"],
+                            close_time=r["close_time"],
+                            open=r["open"],
+                            high=r["high"],
+                            low=r["low"],
+                            close=r["close"],
+                            volume=r["volume"],
+                            source="db",
+                        )
+                        for r in rows
+                    ],
+                )
+            )
+        return out
+    finally:
+        await conn.close()
+
+
+def load_candles(specs: Sequence[str], database_url: str | None = None) -> dict[str, Series]:
+    """Every candle named by ``--candles``, one interval for all, by symbol."""
+    import asyncio
+
+    series: list[Series] = []
+    for spec in specs:
+        if spec.startswith(DB_PREFIX):
+            if not database_url:
+                raise BacktestError(f"{spec}: DATABASE_URL is not set")
+            series += asyncio.run(_load_db(spec, database_url))
+        else:
+            series += load_file(Path(spec))
+    by_symbol: dict[str, Series] = {}
+    for s in series:
+        if s.symbol in by_symbol:
+            raise BacktestError(f"{s.symbol}: candles given twice")
+        by_symbol[s.symbol] = s
+    intervals = {s.interval for s in by_symbol.values()}
+    if len(intervals) > 1:
+        raise BacktestError(f"one interval per backtest, got {sorted(intervals)}")
+    if not by_symbol:
+        raise BacktestError("no candles")
+    return by_symbol
+
+
+# -- settings ------------------------------------------------------------------------------
+def fill_settings(table: Mapping[str, Any], fee: str | None, slippage: str | None) -> FillSettings:
+    """:class:`FillSettings` from the config's ``[fill]`` and the command line."""
+    known = {f.name for f in fields(FillSettings)} | {"fees"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise BacktestError(f"[fill]: unknown key(s) {', '.join(unknown)} (known: {sorted(known)})")
+    kw: dict[str, Any] = {}
+    try:
+        for name in ("maker_fee", "taker_fee", "slippage_bps", "default_tick"):
+            if name in table:
+                kw[name] = Decimal(str(table[name]))
+        if table.get("volume_share") is not None:
+            kw["volume_share"] = Decimal(str(table["volume_share"]))
+        for name in ("latency_ms", "fee_places"):
+            if name in table:
+                kw[name] = int(table[name])
+        if "queue" in table:
+            kw["queue"] = str(table["queue"])
+        if "fee_in_quote" in table:
+            kw["fee_in_quote"] = bool(table["fee_in_quote"])
+        if "fees" in table:
+            kw["fees_by_symbol"] = {
+                sym.upper(): (Decimal(str(v["maker"])), Decimal(str(v["taker"])))
+                for sym, v in table["fees"].items()
+            }
+        if "tick_sizes" in table:
+            kw["tick_sizes"] = {k.upper(): Decimal(str(v)) for k, v in table["tick_sizes"].items()}
+        if fee is not None:
+            kw["maker_fee"] = kw["taker_fee"] = Decimal(fee)
+        if slippage is not None:
+            kw["slippage_bps"] = Decimal(slippage)
+        return FillSettings(**kw)
+    except (InvalidOperation, KeyError, TypeError, ValueError) as exc:
+        raise BacktestError(f"fill settings: {exc}") from None
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BacktestError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def read_config(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BacktestError(f"{path}: {exc}") from None
+
+
+# -- outputs -------------------------------------------------------------------------------
+def write_fills(result: BacktestResult, path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(FILL_COLUMNS)
+        for f in result.fills:
+            w.writerow(
+                [
+                    f.time_ms,
+                    f.symbol,
+                    f.side,
+                    f.price,
+                    f.qty,
+                    f.fee,
+                    f.fee_asset,
+                    f.liquidity,
+                    f.client_order_id,
+                ]
+            )
+
+
+def write_equity(result: BacktestResult, path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["time", "equity", *(f"pos_{s}" for s in result.symbols)])
+        for p in result.equity:
+            w.writerow([p.time_ms, p.equity, *p.positions])
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    return obj
+
+
+def table(metrics: Mapping[str, Any]) -> str:
+    """The terminal view: our figures beside buy-and-hold's."""
+    bh = metrics.get("buy_and_hold", {})
+    pct = {"total_return", "cagr", "max_drawdown", "win_rate", "exposure"}
+    rows = [
+        "total_return",
+        "cagr",
+        "sharpe",
+        "sortino",
+        "calmar",
+        "max_drawdown",
+        "max_drawdown_duration_ms",
+        "win_rate",
+        "profit_factor",
+        "exposure",
+        "turnover",
+        "fees",
+        "round_trips",
+        "grid_profit",
+        "inventory_pnl",
+        "final_equity",
+    ]
+
+    def fmt(key: str, v: Any) -> str:
+        if v is None or v == "":
+            return "-"
+        if isinstance(v, str):
+            return v
+        if key in pct:
+            return f"{v * 100:.2f}%"
+        if key == "max_drawdown_duration_ms":
+            return f"{v / 3_600_000:.1f} h"
+        if isinstance(v, int):
+            return f"{v:,}"
+        return f"{v:,.4f}" if abs(v) < 1000 else f"{v:,.2f}"
+
+    lines = [f"{'metric':<26}{'strategy':>16}{'buy & hold':>16}"]
+    for key in rows:
+        lines.append(f"{key:<26}{fmt(key, metrics.get(key)):>16}{fmt(key, bh.get(key, '')):>16}")
+    return "\n".join(lines)
+
+
+# -- the command ---------------------------------------------------------------------------
+def run(
+    *,
+    strategy: str,
+    candles: Sequence[str],
+    out: Path,
+    sets: Sequence[str] = (),
+    config: str | None = None,
+    cash: str | None = None,
+    fee: str | None = None,
+    slippage_bps: str | None = None,
+    database_url: str | None = None,
+    progress: bool | None = None,
+    write: Any = None,
+) -> dict[str, Any]:
+    """Run one backtest and write ``out``; returns the metrics."""
+    from .report import write_report
+
+    emit = write or (lambda text: print(text))
+    t0 = time.perf_counter()
+    cfg = read_config(config)
+    settings = {k: str(v) for k, v in cfg.get("strategy", {}).items()}
+    settings.update(parse_sets(sets))
+    try:
+        strat = make(strategy, settings)
+    except StrategySettingsError as exc:
+        raise BacktestError(str(exc)) from None
+    fill = fill_settings(cfg.get("fill", {}), fee, slippage_bps)
+    cash_text = cash if cash is not None else str(cfg.get("backtest", {}).get("cash", "700"))
+    try:
+        start_cash = Decimal(cash_text)
+    except InvalidOperation:
+        raise BacktestError(f"--cash {cash_text!r}: not a number") from None
+    series = load_candles(candles, database_url)
+    interval = next(iter(series.values())).interval
+    symbols = {s: (base_asset(s), s[len(base_asset(s)) :]) for s in series}
+    bt = Backtester(strat, symbols, cash=start_cash, fill=fill, interval_ms=INTERVAL_MS[interval])
+    total = sum(len(s.candles) for s in series.values())
+    bar = None
+    if progress is not False and total >= PROGRESS_FROM:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total, unit="candle", file=sys.stderr, disable=None if progress is None else False
+        )
+    try:
+        result = bt.run(
+            {s: v.candles for s, v in series.items()}, bar.update if bar is not None else None
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    metrics = performance.compute(result)
+    metrics["strategy"] = strategy
+    metrics["settings"] = settings
+    metrics["symbols"] = list(result.symbols)
+    metrics["interval"] = interval
+    out.mkdir(parents=True, exist_ok=True)
+    write_fills(result, out / FILLS_CSV)
+    write_equity(result, out / EQUITY_CSV)
+    (out / METRICS_JSON).write_text(json.dumps(_clean(metrics), indent=2, sort_keys=True) + "\n")
+    write_report(result, metrics, series, out / REPORT_HTML)
+    elapsed = time.perf_counter() - t0
+    emit(
+        f"{strategy} over {total:,} {interval} candles of {', '.join(result.symbols)}: "
+        f"{len(result.fills):,} fills in {elapsed:.2f}s"
+    )
+    emit(table(metrics))
+    emit(f"wrote {out}/{{{FILLS_CSV},{EQUITY_CSV},{METRICS_JSON},{REPORT_HTML}}}")
+    return metrics
+
+
+def strategies_help() -> str:
+    return ", ".join(f"{n} ({s.help})" for n, s in sorted(STRATEGIES.items()))
