@@ -3,7 +3,7 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo "docker-compose")
 
-.PHONY: help setup run up down test test-fast lint fmt typecheck bench status e2e clean
+.PHONY: help setup run up down test test-fast lint fmt typecheck bench settings-docs status e2e clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,6 +43,11 @@ bench: setup ## every benchmark; each prints its figure beside a same-run refere
 	$(UV) run python bench/candle_upsert.py
 	$(UV) run python bench/signals_batch.py
 	$(UV) run python bench/signals_incremental.py
+	$(UV) run python bench/failover.py
+	$(UV) run python bench/backtest.py
+
+settings-docs: ## regenerate the settings reference (docs/settings.md and its data module)
+	$(UV) run python scripts/gen_settings_reference.py
 
 status: ## streams, groups, lag, pending, dead letters and service health
 	$(UV) run gridstream status

@@ -9,6 +9,7 @@ Kubernetes secrets). Lists are comma separated. Any invalid value raises
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from gridstream.common.settings_reference import BY_NAME
 from gridstream.common.streams import (
     DEAD_LETTER_KIND,
     DEFAULT_BOUNDS,
@@ -86,9 +88,45 @@ def _raw(name: str, env: Mapping[str, str]) -> str | None:
     return None
 
 
-def load_settings(cls: type[T], env: Mapping[str, str] | None = None) -> T:
-    """Build ``cls`` from the environment, or raise :class:`SettingsError` naming the variable."""
+#: Suffix of a variable naming a file that holds the value (Docker/Kubernetes secrets).
+FILE_SUFFIX: Final = "_FILE"
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """The ``GS_*`` variables of ``env`` that no part of gridstream reads."""
+    out = []
+    for name in env:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        base = name.removesuffix(FILE_SUFFIX) if name.endswith(FILE_SUFFIX) else name
+        if name not in BY_NAME and base not in BY_NAME:
+            out.append(name)
+    return sorted(out)
+
+
+def check_environment(env: Mapping[str, str] | None = None) -> None:
+    """Refuse a ``GS_*`` variable no part of gridstream reads (a misspelling would
+    otherwise run with the default), naming it and the nearest known name."""
     env = os.environ if env is None else env
+    unknown = unknown_variables(env)
+    if not unknown:
+        return
+    parts = []
+    for name in unknown:
+        near = difflib.get_close_matches(name, list(BY_NAME), n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        parts.append(f"{name} is not a gridstream setting{hint}")
+    raise SettingsError("; ".join(parts) + " (every setting: docs/settings.md)")
+
+
+def load_settings(cls: type[T], env: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from the environment, or raise :class:`SettingsError` naming the variable.
+
+    A ``GS_*`` variable that no part of gridstream reads is refused too
+    (:func:`check_environment`).
+    """
+    env = os.environ if env is None else env
+    check_environment(env)
     hints = get_type_hints(cls)
     raw: dict[str, Any] = {}
     for field in msgspec.structs.fields(cls):
@@ -135,30 +173,50 @@ def redact_url(url: str) -> str:
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Settings every service shares. Services extend it with their own fields."""
 
+    #: Redis (streams, leases, heartbeats); read from ``REDIS_URL``.
     redis_url: str = "redis://localhost:6379/0"
+    #: Postgres (the ledger); read from ``DATABASE_URL``.
     database_url: str = "postgresql://postgres@localhost:5432/gridstream"
+    #: What the stack trades against: ``replay``/``paper`` trade nothing real; ``live``
+    #: needs ``GS_LIVE_TRADING_CONFIRMED=true`` and a live venue.
     mode: Mode = "replay"
+    #: The symbols traded, comma separated.
     symbols: list[str] = msgspec.field(default_factory=lambda: ["BTCUSDT", "ETHUSDT"])
     #: This replica's id, unique per service (a duplicate is refused at start); empty:
     #: the lowest free id is taken at start (``0``, ``1``, ...).
     replica: str = ""
+    #: Address of the /metrics, /healthz and /readyz server.
     metrics_host: str = "127.0.0.1"
+    #: Its port (0: any free port).
     metrics_port: int = 0
+    #: ``json`` lines, ``text``, or ``auto`` (text on a terminal, else json).
     log_format: Literal["auto", "json", "text"] = "auto"
+    #: Lowest level logged.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Entries read per XREADGROUP.
     batch_size: int = 500
+    #: Longest blocking read (ms) before the consumer loop turns again.
     block_ms: int = 1000
+    #: Deliveries of a failing entry before it is dead-lettered.
     max_deliveries: int = 5
+    #: Idle time (ms) after which a dead consumer's pending entries are reclaimed.
     claim_idle_ms: int = 60_000
+    #: How often pending entries are checked for reclaim (seconds).
     claim_interval_s: float = 15.0
     #: Hard bound per stream kind (XADD MAXLEN ~): Redis memory's guard. A consumer that
     #: falls this far behind loses entries, recorded as lost (metric and log line).
     stream_maxlen_ticks: int = DEFAULT_BOUNDS[Kind.TICKS]
+    #: Bound of each candle stream (entries).
     stream_maxlen_candles: int = DEFAULT_BOUNDS[Kind.CANDLES]
+    #: Bound of each signal stream.
     stream_maxlen_signals: int = DEFAULT_BOUNDS[Kind.SIGNALS]
+    #: Bound of each intent stream.
     stream_maxlen_intents: int = DEFAULT_BOUNDS[Kind.INTENTS]
+    #: Bound of each order (verdict) stream.
     stream_maxlen_orders: int = DEFAULT_BOUNDS[Kind.ORDERS]
+    #: Bound of each execution stream.
     stream_maxlen_executions: int = DEFAULT_BOUNDS[Kind.EXECUTIONS]
+    #: Bound of each dead-letter stream.
     stream_maxlen_dead_letters: int = DEFAULT_BOUNDS[DEAD_LETTER_KIND]
     #: Entries older than this are trimmed once every consumer group has them (XTRIM
     #: MINID, never past the oldest entry a group still needs).
@@ -171,9 +229,13 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     lease_ttl_ms: int = 6_000
     #: Redis socket timeout (seconds); above the longest blocking read.
     redis_socket_timeout_s: float = REDIS_SOCKET_TIMEOUT_S
+    #: Must be true for ``GS_MODE=live``: real money needs an explicit yes.
     live_trading_confirmed: bool = False
+    #: Where orders go: the local simulator, the Binance spot testnet or Binance.
     venue: Literal["simulator", "binance-testnet", "binance"] = "simulator"
+    #: The venue's REST base URL.
     venue_rest_url: str = "http://127.0.0.1:8900"
+    #: The venue's websocket base URL (market streams and the WebSocket API).
     venue_ws_url: str = "ws://127.0.0.1:8900"
 
     def __post_init__(self) -> None:

@@ -11,8 +11,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Final
 
 import msgspec
+
+from gridstream.common.settings import SettingsError as CommonSettingsError
+from gridstream.common.settings import check_environment
 
 KNOWN_SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
 FAULT_KINDS = ("drop", "drop-every", "silence", "repeat")
@@ -22,7 +26,7 @@ class SettingsError(ValueError):
     """An environment variable holds an invalid value."""
 
     def __init__(self, var: str, value: str, reason: str) -> None:
-        super().__init__(f"invalid setting {var}={value!r}: {reason}")
+        super().__init__(f"invalid setting {var}={value!r}: {reason}" if var else reason)
         self.var = var
 
 
@@ -85,6 +89,34 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+
+#: Every variable the simulator reads: (name, SimSettings field, what it sets). The
+#: settings reference (docs/settings.md) is generated from this.
+SIM_VARIABLES: Final[tuple[tuple[str, str, str], ...]] = (
+    ("GS_SIM_HOST", "host", "address the REST and websocket servers listen on"),
+    ("GS_SIM_PORT", "port", "port of the REST and websocket servers (0: any free port)"),
+    ("GS_SIM_DATA_DIR", "data_dir", "folder of the candle files replayed (default data/klines)"),
+    ("GS_SIM_FILES", "files", "SYMBOL=PATH,... replay these candle or trade files"),
+    ("GS_SIM_FILTERS", "filters", "SYMBOL=tick/step[/minNotional],... exchange filters"),
+    ("GS_SIM_SYMBOLS", "symbols", "symbols served, comma separated"),
+    ("GS_SIM_START", "start_ms", "replay start: epoch ms or ISO time (default: data start)"),
+    ("GS_SIM_HISTORY_HOURS", "history_hours", "hours of history served before the start"),
+    ("GS_SIM_HOURS", "hours", "hours replayed"),
+    ("GS_SIM_SPEED", "speed", "replay speed (1: real time; 0: as fast as possible)"),
+    ("GS_SIM_BALANCES", "balances", "ASSET=AMOUNT,... starting balances"),
+    ("GS_SIM_API_KEY", "api_key", "API key the simulator accepts (secret)"),
+    ("GS_SIM_API_SECRET", "api_secret", "API secret signatures are checked with (secret)"),
+    ("GS_SIM_TRADES_PER_CANDLE", "trades_per_candle", "synthetic trades per 1m candle"),
+    ("GS_SIM_WAIT_FOR_CLIENTS", "wait_for_clients", "hold the replay until a client connects"),
+    ("GS_SIM_MAKER_FEE", "maker_fee", "maker commission, a fraction"),
+    ("GS_SIM_TAKER_FEE", "taker_fee", "taker commission, a fraction"),
+    ("GS_SIM_WEIGHT_LIMIT", "weight_limit", "REST request weight per IP per window"),
+    ("GS_SIM_WEIGHT_WINDOW_S", "weight_window_s", "the weight window, seconds"),
+    ("GS_SIM_BAN_SECONDS", "ban_seconds", "how long an IP over the limit is banned (418)"),
+    ("GS_SIM_FAULTS", "faults", "KIND@MINUTE[:ARG];... websocket faults to inject"),
+    ("GS_SIM_REST_FORMING_KLINE", "rest_forming_kline", "REST klines include the forming one"),
+)
 
 
 def _parse_time(var: str, raw: str) -> int:
@@ -226,6 +258,10 @@ def parse_faults(var: str, raw: str) -> tuple[FaultSpec, ...]:
 def load_sim_settings(env: Mapping[str, str] | None = None) -> SimSettings:
     """Build :class:`SimSettings` from ``env`` (default: ``os.environ``)."""
     e = os.environ if env is None else env
+    try:
+        check_environment(e)
+    except CommonSettingsError as exc:
+        raise SettingsError("", "", str(exc)) from None
     kw: dict[str, object] = {}
     if (v := e.get("GS_SIM_HOST")) is not None:
         if not v.strip():

@@ -179,7 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     history_mod.add_parsers(sub)
     signals_export.add_parser(sub)
     add_backtest_parser(sub)
+
+    cf = sub.add_parser(
+        "config", help="the effective settings (environment, secret files, defaults), masked"
+    )
+    cf.add_argument("--service", choices=sorted({*run_mod.ALL}), help="only this service's")
+    cf.add_argument("--json", action="store_true", help="machine-readable output")
+    cf.set_defaults(fn=cmd_config)
     return p
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from . import config as config_mod
+
+    text, code = config_mod.config(args.service, args.json)
+    print(text)
+    return code
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:
