@@ -36,7 +36,7 @@ from gridstream.common import metrics
 from gridstream.common import streams as S
 from gridstream.common.embedded import free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SYMBOLS = ("BTCUSDT", "ETHUSDT")

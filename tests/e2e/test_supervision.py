@@ -27,7 +27,7 @@ from gridstream.cli.supervise import ChildState, Phase, decode_state
 from gridstream.common.embedded import free_port
 from gridstream.common.streams import supervisor_key
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[2]
 SYMBOLS = ("BTCUSDT", "ETHUSDT")

@@ -265,7 +265,7 @@ async def test_dead_replicas_held_entries_are_taken_over_after_claim_idle(redis_
     store = LocalStore(tmp_path / "archive")
     btc = stream(Kind.CANDLES, "BTCUSDT")
     candles = [candle("BTCUSDT", i) for i in range(5)]
-    opts = {"claim_idle_ms": 300, "claim_interval_s": 0.0}
+    opts = {"claim_idle_ms": 60_000, "claim_interval_s": 0.0}
     dead = make_archiver(redis, store, **opts)
     await dead.ensure_groups()
     await publish(redis, [(btc, c) for c in candles])
@@ -285,7 +285,14 @@ async def test_dead_replicas_held_entries_are_taken_over_after_claim_idle(redis_
     )
     await drain(survivor)
     assert survivor.consumer.held == 0  # not idle long enough yet
-    await asyncio.sleep(0.35)
+    # make the dead replica's entries look idle past the limit (XCLAIM IDLE, JUSTID: owner
+    # and delivery count unchanged) rather than wait a minute
+    rows = await redis.xpending_range(
+        btc, GROUP, min="-", max="+", count=100, consumername="archiver-0"
+    )
+    await redis.xclaim(
+        btc, GROUP, "archiver-0", 0, [row["message_id"] for row in rows], idle=120_000, justid=True
+    )
     await drain(survivor)
     assert survivor.consumer.held == 5
     await survivor.flush_all()

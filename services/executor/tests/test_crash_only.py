@@ -201,7 +201,13 @@ async def test_malformed_frame_is_counted_stream_goes_on_and_fill_is_reconciled(
             return len(await fills_published(redis_url)) >= 2
 
         await wait_for(two_published, what="the next fill")
-        await asyncio.sleep(0.3)
+
+        async def all_marked() -> bool:
+            rows = await fetch(database_url, "SELECT published_at FROM fills")
+            return len(rows) == 2 and all(r["published_at"] is not None for r in rows)
+
+        # every row marked published: nothing more will be sent for them
+        await wait_for(all_marked, what="both outbox rows marked published")
         published = await fills_published(redis_url)
         assert [m.client_order_id for m in published] == [
             first.client_order_id,
@@ -228,9 +234,16 @@ async def test_reconciliation_finds_a_missed_fill_below_later_fills(
 
         async def both_filled() -> bool:
             rows = await fetch(database_url, "SELECT status FROM orders")
-            return len(rows) == 2 and all(r["status"] == LedgerStatus.FILLED for r in rows)
+            fills = await fetch(database_url, "SELECT client_order_id FROM fills")
+            # an order's status may say filled (the placement's answer) before its fill
+            # row is written (from the trade): wait for both
+            return (
+                len(rows) == 2
+                and all(r["status"] == LedgerStatus.FILLED for r in rows)
+                and {f["client_order_id"] for f in fills} == {a.client_order_id, b.client_order_id}
+            )
 
-        await wait_for(both_filled, what="both orders filled")
+        await wait_for(both_filled, what="both orders filled, both fills recorded")
     finally:
         await ex.stop()
     trades = {

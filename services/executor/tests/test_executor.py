@@ -147,7 +147,7 @@ async def _ready(rt: Runtime, task: asyncio.Task[None]) -> bool:
 
 
 async def wait_for(
-    cond: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = ""
+    cond: Callable[[], Awaitable[bool]], *, timeout: float = 60.0, what: str = ""
 ) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -27,7 +27,7 @@ from test_executor import (
 
 from gridstream.common.binance import trading as bt
 from gridstream.common.bus import RetryLater
-from gridstream.common.messages import OrderAccepted, OrderCanceled, OrderFailed
+from gridstream.common.messages import OrderAccepted, OrderCanceled, OrderFailed, OrderFilled
 from gridstream.common.streams import Kind, Service, dead_letters, group, stream
 from gridstream.executor.service import OutcomeStillUnknown, Stopping, VenueBusy
 from gridstream.executor.venue import BinanceVenue
@@ -42,7 +42,7 @@ async def orders_consumed(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     name = stream(Kind.ORDERS, SYMBOL)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while True:
             info = {g["name"].decode(): g for g in await client.xinfo_groups(name)}
             g = info.get(group(Service.EXECUTOR))
@@ -143,11 +143,18 @@ async def test_redelivered_approval_of_a_filled_order_does_not_reopen_it(
 
         await wait_for(filled, what="order filled")
         await orders_consumed(redis_url)
-        await asyncio.sleep(0.2)  # user-stream events published
+
+        async def fill_published() -> bool:
+            return any(
+                isinstance(m, OrderFilled) and m.client_order_id == order.client_order_id
+                for m in await executions(redis_url)
+            )
+
+        await wait_for(fill_published, what="the fill on the executions stream")
         before = await executions(redis_url)
         await send(redis_url, order)  # at-least-once: the same approval again
+        # acknowledged means handled: the executor commits its outputs with the ack
         await orders_consumed(redis_url)
-        await asyncio.sleep(0.2)
         after = await executions(redis_url)
         assert after == before  # nothing that re-opens the order
         assert len(sim.sim.engine.orders) == 1

@@ -49,7 +49,7 @@ def settings(redis_url: str, database_url: str, host: str, **kw: Any) -> Ingesto
     return IngestorSettings(**args)
 
 
-async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await cond():
@@ -171,8 +171,10 @@ async def test_old_connection_is_replaced_and_backfill_covers_the_switch(
             # candles close while connections are being replaced; none is sent on the stream
             for clock in range(6, 12):
                 v.clock = clock
-                await asyncio.sleep(0.25)
-            await wait_until(lambda: asyncio.sleep(0, v.connections >= 4))
+                # each candle closes across a connection replacement
+                seen = v.connections
+                await wait_until(lambda seen=seen: asyncio.sleep(0, v.connections > seen))
+            assert v.connections >= 4
 
             async def complete() -> bool:
                 rows = await fetch(database_url, "SELECT max(open_time) AS m FROM candles")
@@ -191,7 +193,8 @@ async def test_server_pings_are_answered(redis_url: str, database_url: str) -> N
     v = Venue(ROWS, clock=5, heartbeat=0.1)
     async with serve(v) as host, Running(settings(redis_url, database_url, host)) as run:
         await wait_until(run.ready)
-        await asyncio.sleep(1.5)  # ~15 server pings
+        # 15 pings sent, each answered in time (or aiohttp would have closed the socket)
+        await wait_until(lambda: asyncio.sleep(0, v.pings >= 15), timeout=60)
         assert v.connections == 1 and run.rt.ready and len(v.sockets) == 1
         assert not v.sockets[0].closed
 

@@ -124,7 +124,7 @@ def make_settings(redis_url: str, database_url: str, host: str, **kw: Any) -> In
     return IngestorSettings(**args)
 
 
-async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+async def wait_until(cond: Callable[[], Awaitable[bool]], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await cond():

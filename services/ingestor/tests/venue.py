@@ -19,6 +19,21 @@ from ingestor_factories import rest_row
 KLINES_WEIGHT = 2
 
 
+class CountingWebSocket(web.WebSocketResponse):
+    """aiohttp's websocket response, counting the heartbeat pings it sends (test hook)."""
+
+    def __init__(self, venue: Venue, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._venue = venue
+
+    def _send_heartbeat(self) -> None:
+        waiting = self._pong_response_cb
+        super()._send_heartbeat()
+        # a ping went out when a new wait for its pong was armed
+        if self._pong_response_cb is not None and self._pong_response_cb is not waiting:
+            self._venue.pings += 1
+
+
 class Venue:
     def __init__(
         self,
@@ -40,6 +55,8 @@ class Venue:
         self.heartbeat = heartbeat
         self.sockets: list[web.WebSocketResponse] = []
         self.connections = 0
+        #: heartbeat pings sent (each must be answered within heartbeat/2, or aiohttp closes)
+        self.pings = 0
         self.kline_queries: list[dict[str, str]] = []
         self.statuses: list[int] = []
         self.used: dict[int, int] = {}
@@ -100,7 +117,7 @@ class Venue:
         return self._respond({"serverTime": now}, 1)
 
     async def ws(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=self.heartbeat)
+        ws = CountingWebSocket(self, heartbeat=self.heartbeat)
         await ws.prepare(request)
         self.sockets.append(ws)
         self.connections += 1

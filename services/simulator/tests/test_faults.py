@@ -45,8 +45,11 @@ async def test_drop_at_minute_then_replay_waits_for_a_client() -> None:
             assert ws.close_code == 1006  # abrupt: the TCP connection was closed
             assert closed_opens(frames) == [WINDOW_START, WINDOW_START + MIN]
             assert max(f["data"]["E"] for f in frames) < WINDOW_START + 2 * MIN
-            await asyncio.sleep(0.3)
-            st = await status(http, url)
+            # the replay itself says it waits (for a market-data client), then the clock
+            # is where the drop left it
+            async with asyncio.timeout(60):
+                while not (st := await status(http, url))["replay_waiting"]:
+                    await asyncio.sleep(0.02)
             # speed 0 and nobody connected: the replay waits instead of running away
             assert st["clock_ms"] == WINDOW_START + 2 * MIN - 1
             assert st["faults"][0]["kind"] == "drop"
@@ -109,10 +112,13 @@ async def test_silence_drops_frames_of_current_connections_only() -> None:
                     await asyncio.sleep(0.02)
             ws2 = await http.ws_connect(f"{url}/stream?streams=btcusdt@trade")
             t2 = asyncio.create_task(drain(ws2, got2))
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(60):
                 while not (await status(http, url))["done"]:
                     await asyncio.sleep(0.05)
-            await asyncio.sleep(0.2)
+                # both clients have the window's last trade (8 a minute, 3 minutes)
+                last = got1[0]["t"] + 3 * 8 - 1 if got1 else None
+                while not (got1 and got2 and got1[-1]["t"] == last and got2[-1]["t"] == last):
+                    await asyncio.sleep(0.02)
             for ws in (ws1, ws2):
                 await ws.close()
             for t in (t1, t2):

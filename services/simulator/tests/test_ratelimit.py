@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import requests
 from sim_helpers import fixture, settings
 
@@ -55,23 +53,28 @@ def test_ban_doubles_per_repeat_and_is_capped() -> None:
     assert v.retry_after == 120 * 2160  # 3 days at Binance's scale
 
 
-def wait_window_start() -> None:
-    """Sleep to just after a wall-window boundary so a test's requests share one window."""
-    now = time.time()
-    time.sleep(WINDOW - now % WINDOW + 0.02)
+class Clock:
+    """The simulator's request-weight clock, driven by the test (no wall-clock race)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_weights_429_and_418_over_http() -> None:
     sim = ThreadedSimulator(
         settings(weight_limit=30, weight_window_s=WINDOW, ban_seconds=BAN)
     ).start()
+    clock = Clock(1_000_000.0)  # a window boundary (a multiple of WINDOW)
+    sim.simulator.wall = clock
     try:
         url = sim.url
 
         def get(path: str, **params: object) -> requests.Response:
-            return requests.get(url + path, params=params, timeout=5)
+            return requests.get(url + path, params=params, timeout=30)
 
-        wait_window_start()
         r = get("/api/v3/ping")
         assert r.headers["X-MBX-USED-WEIGHT-1M"] == "1"
         r = get("/api/v3/klines", symbol="BTCUSDT", interval="1m", limit=5)
@@ -89,6 +92,7 @@ def test_weights_429_and_418_over_http() -> None:
         assert get("/sim/status").status_code == 200  # admin: not metered
         assert get("/api/v3/time").headers["X-MBX-USED-WEIGHT-1M"] == "24"
         # over the limit: 429 with Retry-After = seconds to the window's end
+        clock.now += 0.5
         r = get("/api/v3/exchangeInfo")
         assert r.status_code == 429
         assert r.json() == {
@@ -96,22 +100,20 @@ def test_weights_429_and_418_over_http() -> None:
             "msg": catalog(-1003)[1] % (30, f"{WINDOW:g} SECOND"),
         }
         assert r.headers["X-MBX-USED-WEIGHT-1M"] == "44"
-        assert 1 <= int(r.headers["Retry-After"]) <= WINDOW
+        assert r.headers["Retry-After"] == "2"  # 1.5 s left in the window, rounded up
         # keeps sending: banned (418), Retry-After = ban length, body names the end in ms
-        t_req = time.time()
         r = get("/api/v3/ping")
         assert r.status_code == 418
         body = r.json()
         assert body["code"] == -1003
         until = int(body["msg"].split("banned until ")[1].split(".")[0])
         assert body["msg"] == catalog(-1003)[2] % until
-        assert abs(until - (t_req + BAN) * 1000) < 500
+        assert until == int((clock.now + BAN) * 1000)
         assert r.headers["Retry-After"] == "1"
         assert "X-MBX-USED-WEIGHT-1M" in r.headers
         # the ban holds for any endpoint, then lifts; a fresh window starts from zero
         assert get("/api/v3/time").status_code == 418
-        time.sleep(BAN + 0.05)
-        wait_window_start()
+        clock.now = 1_000_000.0 + 2 * WINDOW  # ban over, next window but one
         r = get("/api/v3/ping")
         assert (r.status_code, r.headers["X-MBX-USED-WEIGHT-1M"]) == (200, "1")
         # repeat offender: 429, then a ban twice as long

@@ -171,12 +171,16 @@ class Simulator:
         self.clients_event = asyncio.Event()
         self.started = False
         self.replay_task: asyncio.Task[None] | None = None
+        #: The wall clock of request-weight windows and bans (tests may drive it).
+        self.wall: Callable[[], float] = time.time
         self.limiter = RateLimiter(
             settings.weight_limit, settings.weight_window_s, settings.ban_seconds
         )
         # set while at least one market-data client is subscribed (speed 0 waits on it)
         self.market_event = asyncio.Event()
         self.market_connections_total = 0
+        #: True while the replay (speed 0) waits for a market-data client
+        self.replay_waiting = False
         self.faults_fired: list[dict[str, Any]] = []
         self._fault_queue = self._fault_schedule(settings.faults)
         self._bg: set[asyncio.Task[Any]] = set()
@@ -282,7 +286,9 @@ class Simulator:
             if speed == 0 and not self.market_event.is_set():
                 # "as fast as consumers take": with no market-data client connected the
                 # replay waits (a dropped client must not let it run away unobserved)
+                self.replay_waiting = True
                 await self.market_event.wait()
+                self.replay_waiting = False
             t = eng.peek_time()
             if t is None:
                 break
@@ -416,7 +422,7 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     if _unmetered(request.path):
         return await handler(request)
     lim = sim.limiter
-    v = lim.charge(request.remote or "?", request_weight(request), time.time())
+    v = lim.charge(request.remote or "?", request_weight(request), sim.wall())
     if v.status == 429:
         resp: web.StreamResponse = _json(
             {"code": -1003, "msg": too_much_weight_msg(lim.limit, lim.interval_text())}, 429
@@ -594,6 +600,7 @@ async def sim_status(request: web.Request) -> web.Response:
             "speed": sim.settings.speed,
             "wait_for_clients": sim.settings.wait_for_clients,
             "market_clients": len(sim.market_subs()),
+            "replay_waiting": sim.replay_waiting,
             "market_connections_total": sim.market_connections_total,
             "user_clients": sum(1 for s in sim.subs if s.user),
             "faults": sim.faults_fired,
