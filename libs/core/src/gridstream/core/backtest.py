@@ -37,10 +37,12 @@ inputs give the same fills, to the last digit.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Literal
+from typing import Final, Literal, Protocol, runtime_checkable
+
+import numpy as np
 
 from gridstream.common.messages import (
     AnyMessage,
@@ -140,6 +142,99 @@ class EquityPoint:
 
 
 @dataclass
+class EquityCurve:
+    """Equity at each close time, with each symbol's position and last price, as columns
+    (symbol order: :attr:`symbols`; a price is None before the symbol's first candle)."""
+
+    symbols: tuple[str, ...]
+    times: list[int] = field(default_factory=list)
+    equity: list[Decimal] = field(default_factory=list)
+    positions: list[list[Decimal]] = field(default_factory=list)
+    prices: list[list[Decimal | None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.positions:
+            self.positions = [[] for _ in self.symbols]
+            self.prices = [[] for _ in self.symbols]
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def __getitem__(self, i: int) -> EquityPoint:
+        return EquityPoint(
+            self.times[i],
+            self.equity[i],
+            tuple(p[i] for p in self.positions),
+            tuple(p[i] for p in self.prices),
+        )
+
+    def __iter__(self) -> Iterator[EquityPoint]:
+        return (self[i] for i in range(len(self.times)))
+
+
+@dataclass
+class Bars:
+    """One symbol's candles as columns (what files load into): open times, the prices and
+    volume as their exact text, and the closes as integers of ``10**-CLOSE_PLACES``."""
+
+    symbol: str
+    interval: str
+    interval_ms: int
+    open_time: np.ndarray
+    open: list[str]
+    high: list[str]
+    low: list[str]
+    close: list[str]
+    volume: list[str]
+    close_units: np.ndarray
+    source: str = "file"
+
+    def __len__(self) -> int:
+        return len(self.close)
+
+    def candle(self, i: int) -> Candle:
+        t = int(self.open_time[i])
+        ms = self.interval_ms
+        return Candle(
+            id=f"bt:{self.symbol}:{self.interval}:{t}",
+            ts_event=(t + ms) * 1_000_000,
+            ts_init=(t + ms) * 1_000_000,
+            symbol=self.symbol,
+            interval=self.interval,
+            open_time=t,
+            close_time=t + ms - 1,
+            open=Decimal(self.open[i]),
+            high=Decimal(self.high[i]),
+            low=Decimal(self.low[i]),
+            close=Decimal(self.close[i]),
+            volume=Decimal(self.volume[i]),
+            source=self.source,
+        )
+
+    def candles(self) -> Iterator[Candle]:
+        return (self.candle(i) for i in range(len(self.close)))
+
+
+#: Closes in :attr:`Bars.close_units` are integers of this many decimal places.
+CLOSE_PLACES: Final = 8
+
+
+@runtime_checkable
+class ColumnarStrategy(Protocol):
+    """A strategy whose candle decisions can be found over whole columns at once.
+
+    ``decision_bars`` gives, for every bar, 0 where ``on_candle`` could not act whatever
+    the strategy's orders and position, else a value handed to ``on_decision`` with that
+    bar's candle, which then decides exactly as ``on_candle`` would have. The two paths
+    are held equal by a test, fill for fill.
+    """
+
+    def decision_bars(self, close_units: np.ndarray) -> np.ndarray: ...
+
+    def on_decision(self, c: Candle, value: int) -> list[OrderIntent]: ...
+
+
+@dataclass
 class _Order:
     intent: OrderIntent
     active_from_ms: int
@@ -157,7 +252,7 @@ class _Order:
 class BacktestResult:
     symbols: tuple[str, ...]
     fills: list[Fill]
-    equity: list[EquityPoint]
+    equity: EquityCurve
     portfolio: Portfolio
     interval_ms: int
     rejected: list[OrderRejected]
@@ -201,7 +296,7 @@ class Backtester:
         self.book: dict[str, dict[str, _Order]] = {s: {} for s in self.symbols}
         self.known: set[str] = set()
         self.fills: list[Fill] = []
-        self.equity: list[EquityPoint] = []
+        self.equity = EquityCurve(self.symbols)
         self.rejected: list[OrderRejected] = []
         self.levels: dict[str, list[tuple[int, Side, Decimal]]] = {s: [] for s in self.symbols}
         self.record_levels = record_levels
@@ -233,6 +328,95 @@ class Backtester:
             self._record(last_time)
         return self.result()
 
+    def run_columnar(self, bars: Mapping[str, Bars]) -> BacktestResult:
+        """The same run for a :class:`ColumnarStrategy` over symbols that share one
+        timeline: only the bars where it may decide, or where an order is open, are
+        stepped through the engines; equity in between is the balances times the closes.
+        """
+        strategy = self.strategy
+        if not isinstance(strategy, ColumnarStrategy):
+            raise TypeError(f"{self.strategy.name} has no columnar decisions")
+        syms = sorted(bars)
+        first = bars[syms[0]]
+        if any(not np.array_equal(bars[s].open_time, first.open_time) for s in syms[1:]):
+            raise ValueError("the columnar run needs one timeline for every symbol")
+        n = len(first)
+        decisions = {s: strategy.decision_bars(bars[s].close_units) for s in syms}
+        todo = sorted({int(i) for s in syms for i in np.flatnonzero(decisions[s])})
+        heap = list(todo)
+        heapq.heapify(heap)
+        queued = set(todo)
+        pf = self.portfolio
+        base_of = {s: self.assets[s][0] for s in syms}
+        # balances from each stepped bar on: (bar, quote balance, base balance by symbol)
+        changes: list[tuple[int, Decimal, list[Decimal]]] = []
+        while heap:
+            j = heapq.heappop(heap)
+            for s in syms:
+                candle: Candle | None = None
+                if self.book[s]:
+                    candle = bars[s].candle(j)
+                    for event in self._fills_in(candle):
+                        self._feed(event, candle)
+                value = int(decisions[s][j])
+                if value:
+                    candle = candle or bars[s].candle(j)
+                    pf.mark(s, candle.close)
+                    for intent in strategy.on_decision(candle, value):
+                        for reply in self._submit(intent, candle.close_time + 1):
+                            self._feed(reply, candle)
+                if self.book[s] and j + 1 < n and j + 1 not in queued:
+                    queued.add(j + 1)
+                    heapq.heappush(heap, j + 1)
+            changes.append((j, pf.balance(pf.quote), [pf.balance(base_of[s]) for s in syms]))
+        self._fill_curve(bars, syms, n, changes)
+        for s in syms:
+            self.first_open[s] = Decimal(bars[s].open[0]) if n else ZERO
+            if n:
+                self.last_close[s] = Decimal(bars[s].close[-1])
+                pf.mark(s, self.last_close[s])
+        self.candles = n * len(syms)
+        return self.result()
+
+    def _fill_curve(
+        self,
+        bars: Mapping[str, Bars],
+        syms: list[str],
+        n: int,
+        changes: list[tuple[int, Decimal, list[Decimal]]],
+    ) -> None:
+        curve = self.equity
+        ms = bars[syms[0]].interval_ms
+        curve.times = [int(t) + ms - 1 for t in bars[syms[0]].open_time.tolist()]
+        closes = [[Decimal(x) for x in bars[s].close] for s in syms]
+        curve.prices = [list(c) for c in closes]
+        curve.positions = [[] for _ in syms]
+        equity: list[Decimal] = []
+        quote = self.start_cash
+        held = [ZERO] * len(syms)
+        points = [*changes, (n, ZERO, [])]
+        start = 0
+        for j, next_quote, next_held in points:
+            stop = min(j, n)
+            if stop > start:
+                width = stop - start
+                for k in range(len(syms)):
+                    curve.positions[k] += [held[k]] * width
+                live = [(k, held[k]) for k in range(len(syms)) if held[k]]
+                if not live:
+                    equity += [quote] * width
+                else:
+                    for i in range(start, stop):
+                        total = quote
+                        for k, q in live:
+                            total += q * closes[k][i]
+                        equity.append(total)
+            if j >= n:
+                break
+            quote, held = next_quote, next_held
+            start = j
+        curve.equity = equity
+
     def step(self, c: Candle) -> None:
         """One closed candle: fills, marks, the strategy's decisions."""
         self.candles += 1
@@ -253,9 +437,12 @@ class Backtester:
 
     def _record(self, time_ms: int) -> None:
         positions = self.portfolio.positions
-        pos = tuple(positions[s].qty for s in self.symbols)
-        prices = tuple(positions[s].last_price for s in self.symbols)
-        self.equity.append(EquityPoint(time_ms, self.portfolio.equity(), pos, prices))
+        curve = self.equity
+        curve.times.append(time_ms)
+        curve.equity.append(self.portfolio.equity())
+        for n, s in enumerate(self.symbols):
+            curve.positions[n].append(positions[s].qty)
+            curve.prices[n].append(positions[s].last_price)
 
     def result(self) -> BacktestResult:
         return BacktestResult(

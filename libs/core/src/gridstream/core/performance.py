@@ -34,50 +34,47 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
+
 from gridstream.core.backtest import BacktestResult, Fill
 
 YEAR_MS = 365.25 * 86_400_000
 
 
-def _returns(equity: Sequence[float]) -> list[float]:
-    return [equity[i] / equity[i - 1] - 1 for i in range(1, len(equity)) if equity[i - 1]]
+def _returns(equity: np.ndarray) -> np.ndarray:
+    prev = equity[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = equity[1:] / prev - 1
+    kept: np.ndarray = r[prev != 0]
+    return kept
 
 
-def sharpe(returns: Sequence[float], per_year: float) -> float:
-    n = len(returns)
-    if n < 2:
+def sharpe(returns: np.ndarray, per_year: float) -> float:
+    if len(returns) < 2:
         return 0.0
-    mean = sum(returns) / n
-    var = sum((r - mean) ** 2 for r in returns) / (n - 1)
-    return mean / math.sqrt(var) * math.sqrt(per_year) if var > 0 else 0.0
+    sd = float(np.std(returns, ddof=1))
+    return float(np.mean(returns)) / sd * math.sqrt(per_year) if sd > 0 else 0.0
 
 
-def sortino(returns: Sequence[float], per_year: float) -> float:
-    n = len(returns)
-    if n < 2:
+def sortino(returns: np.ndarray, per_year: float) -> float:
+    if len(returns) < 2:
         return 0.0
-    mean = sum(returns) / n
-    down = math.sqrt(sum(min(r, 0.0) ** 2 for r in returns) / n)
-    return mean / down * math.sqrt(per_year) if down > 0 else 0.0
+    down = math.sqrt(float(np.mean(np.minimum(returns, 0.0) ** 2)))
+    return float(np.mean(returns)) / down * math.sqrt(per_year) if down > 0 else 0.0
 
 
-def drawdown(times: Sequence[int], equity: Sequence[float]) -> tuple[float, int, list[float]]:
+def drawdown(times: np.ndarray, equity: np.ndarray) -> tuple[float, int, np.ndarray]:
     """(max drawdown, its longest duration in ms, the drawdown series)."""
-    peak = -math.inf
-    peak_t = times[0] if times else 0
-    worst = 0.0
-    longest = 0
-    series = []
-    for t, e in zip(times, equity, strict=True):
-        if e >= peak:
-            longest = max(longest, t - peak_t)
-            peak, peak_t = e, t
-        dd = 1 - e / peak if peak > 0 else 0.0
-        series.append(dd)
-        worst = max(worst, dd)
-    if times:
-        longest = max(longest, times[-1] - peak_t)
-    return worst, longest, series
+    if len(equity) == 0:
+        return 0.0, 0, np.zeros(0)
+    peak = np.maximum.accumulate(equity)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        series = np.where(peak > 0, 1 - equity / peak, 0.0)
+    before = np.concatenate(([-np.inf], peak[:-1]))
+    peak_times = times[equity >= before]  # every new (or equal) high
+    gaps = np.diff(np.concatenate((peak_times, [times[-1]])))
+    longest = int(gaps.max()) if len(gaps) else 0
+    return float(series.max()), longest, series
 
 
 def cagr(start: float, end: float, years: float) -> float:
@@ -115,15 +112,15 @@ def round_trips(fills: Sequence[Fill], quote_of: dict[str, str]) -> list[float]:
 
 def compute(result: BacktestResult) -> dict[str, Any]:
     """Every figure of ``metrics.json`` (see the module docstring)."""
-    pts = result.equity
-    times = [p.time_ms for p in pts]
-    eq = [float(p.equity) for p in pts]
+    curve = result.equity
+    times = np.asarray(curve.times, dtype=np.int64)
+    eq = np.asarray([float(e) for e in curve.equity], dtype=np.float64)
     start = float(result.start_cash)
-    end = eq[-1] if eq else start
+    end = float(eq[-1]) if len(eq) else start
     per_year = YEAR_MS / result.interval_ms
-    span_ms = (times[-1] + 1 - (times[0] + 1 - result.interval_ms)) if times else 0
+    span_ms = int(times[-1] + 1 - (times[0] + 1 - result.interval_ms)) if len(times) else 0
     years = span_ms / YEAR_MS
-    rets = _returns([start, *eq])
+    rets = _returns(np.concatenate(([start], eq)))
     mdd, mdd_ms, _series = drawdown(times, eq)
     c = cagr(start, end, years)
     pf = result.portfolio
@@ -131,7 +128,13 @@ def compute(result: BacktestResult) -> dict[str, Any]:
     trips = round_trips(result.fills, quote_of)
     wins = [t for t in trips if t > 0]
     losses = [-t for t in trips if t < 0]
-    exposed = sum(1 for p in pts if any(q != 0 for q in p.positions))
+    if len(times):
+        held = np.zeros(len(times), dtype=bool)
+        for column in curve.positions:
+            held |= np.asarray([q != 0 for q in column], dtype=bool)
+        exposure = float(held.mean())
+    else:
+        exposure = 0.0
     return {
         "start_equity": start,
         "final_equity": end,
@@ -144,14 +147,14 @@ def compute(result: BacktestResult) -> dict[str, Any]:
         "max_drawdown_duration_ms": mdd_ms,
         "win_rate": len(wins) / len(trips) if trips else 0.0,
         "profit_factor": (sum(wins) / sum(losses)) if losses else (math.inf if wins else 0.0),
-        "exposure": exposed / len(pts) if pts else 0.0,
+        "exposure": exposure,
         "turnover": float(pf.turnover()) / start if start else 0.0,
         "fees": float(pf.fees()),
         "round_trips": len(trips),
         "fills": len(result.fills),
         "grid_profit": float(pf.realised()),
         "inventory_pnl": float(pf.unrealised()),
-        "bars": len(pts),
+        "bars": len(times),
         "candles": result.candles,
         "interval_ms": result.interval_ms,
         "years": years,
@@ -161,30 +164,27 @@ def compute(result: BacktestResult) -> dict[str, Any]:
 
 def buy_and_hold(result: BacktestResult, per_year: float, years: float) -> dict[str, Any]:
     """The same cash split equally, each symbol bought at its first open and held."""
+    curve = result.equity
     symbols = [s for s in result.symbols if s in result.first_open]
-    if not symbols or not result.equity:
+    if not symbols or not len(curve):
         return {}
-    cash = result.start_cash / len(symbols)
-    qty = {
-        s: cash / (result.first_open[s] * (1 + result.fill_settings.fees(s)[1])) for s in symbols
-    }
-    index = {s: result.symbols.index(s) for s in symbols}
-    eq = []
-    for p in result.equity:
-        total = 0.0
-        for s in symbols:
-            px = p.prices[index[s]]
-            # before a symbol's first candle its cash is still cash
-            total += float(qty[s] * px) if px is not None else float(cash)
-        eq.append(total)
+    cash = float(result.start_cash) / len(symbols)
+    eq = np.zeros(len(curve), dtype=np.float64)
+    for s in symbols:
+        fee = float(result.fill_settings.fees(s)[1])
+        qty = cash / (float(result.first_open[s]) * (1 + fee))
+        column = curve.prices[result.symbols.index(s)]
+        # before a symbol's first candle its share is still cash
+        px = np.asarray([float(p) if p is not None else np.nan for p in column])
+        eq += np.where(np.isnan(px), cash, qty * px)
     start = float(result.start_cash)
-    end = eq[-1]
-    times = [p.time_ms for p in result.equity]
+    end = float(eq[-1])
+    times = np.asarray(curve.times, dtype=np.int64)
     mdd, _, _ = drawdown(times, eq)
     return {
         "total_return": end / start - 1,
         "cagr": cagr(start, end, years),
-        "sharpe": sharpe(_returns([start, *eq]), per_year),
+        "sharpe": sharpe(_returns(np.concatenate(([start], eq))), per_year),
         "max_drawdown": mdd,
         "final_equity": end,
     }

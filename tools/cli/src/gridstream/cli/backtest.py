@@ -32,23 +32,30 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
-import itertools
 import json
 import math
 import sys
 import time
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+import polars as pl
+
 from gridstream.common.binance.market import INTERVAL_MS
-from gridstream.common.messages import Candle
 from gridstream.core import performance
-from gridstream.core.backtest import Backtester, BacktestResult, FillSettings
+from gridstream.core.backtest import (
+    CLOSE_PLACES,
+    Backtester,
+    BacktestResult,
+    Bars,
+    ColumnarStrategy,
+    FillSettings,
+)
 from gridstream.core.strategies import STRATEGIES, StrategySettingsError, make
 from gridstream.core.strategies.grid import QUOTE_ASSETS, base_asset
 
@@ -77,13 +84,6 @@ class BacktestError(Exception):
     """Bad input to the backtest; the message says which and why."""
 
 
-@dataclass
-class Series:
-    symbol: str
-    interval: str
-    candles: list[Candle]
-
-
 def _symbol_from_name(path: Path) -> str | None:
     stem = path.name.split(".")[0]
     head = stem.split("-")[0].upper()
@@ -96,108 +96,114 @@ def _interval_from_name(path: Path) -> str | None:
     return parts[1] if len(parts) > 1 and parts[1] in INTERVAL_MS else None
 
 
-def _rows_from_csv(path: Path) -> tuple[list[str], list[list[str]]]:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    text = raw.decode("ascii", errors="strict")
-    reader = csv.reader(io.StringIO(text))
-    rows = [r for r in reader if r]
-    if not rows:
-        raise BacktestError(f"{path}: empty file")
-    if rows[0][0].strip().isdigit():
-        # Binance's headerless kline CSV: open time, o, h, l, c, v, close time, ...
-        header = ["open_time_ms", "open", "high", "low", "close", "volume", "close_time_ms"]
-        return header, rows
-    return [h.strip().lower() for h in rows[0]], rows[1:]
+def _first_line(path: Path) -> str:
+    with path.open("rb") as fh:
+        head = fh.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    with opener(path, "rt", encoding="ascii") as fh:
+        return str(fh.readline())
 
 
-def _rows_from_parquet(path: Path) -> tuple[list[str], list[list[str]]]:
-    import polars as pl
+def _frame(path: Path) -> pl.DataFrame:
+    """Every column as text (exact prices), lower-case names."""
+    if path.suffix == ".parquet":
+        df = pl.read_parquet(path)
+        df = df.select([pl.col(c).cast(pl.Utf8) for c in df.columns])
+    else:
+        first = _first_line(path)
+        if not first.strip():
+            raise BacktestError(f"{path}: empty file")
+        headerless = first.split(",")[0].strip().isdigit()
+        df = pl.read_csv(path, has_header=not headerless, infer_schema_length=0)
+        if headerless:
+            names = ["open_time_ms", "open", "high", "low", "close", "volume"]
+            df = df.rename({c: n for c, n in zip(df.columns, names, strict=False)})
+    return df.rename({c: c.strip().lower() for c in df.columns})
 
-    df = pl.read_parquet(path)
-    header = [c.lower() for c in df.columns]
-    df = df.select([pl.col(c).cast(pl.Utf8) for c in df.columns])
-    return header, [list(r) for r in df.iter_rows()]
+
+def close_units(closes: pl.Series) -> np.ndarray | None:
+    """Closes as integers of 10**-8 (None if one has more decimals or is not plain)."""
+    try:
+        parts = closes.str.strip_chars().str.split_exact(".", 1)
+        whole = parts.struct.field("field_0").cast(pl.Int64, strict=True)
+        frac = parts.struct.field("field_1").fill_null("")
+        if bool((frac.str.len_chars() > CLOSE_PLACES).any()):
+            return None
+        scaled = frac.str.pad_end(CLOSE_PLACES, "0").cast(pl.Int64, strict=True)
+        units = whole * 10**CLOSE_PLACES + scaled
+        if units.null_count():
+            return None
+        return units.to_numpy()
+    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError):
+        return None
 
 
-def load_file(path: Path) -> list[Series]:
+def load_file(path: Path) -> list[Bars]:
     """The candles of one file, by symbol, sorted by open time."""
     if not path.exists():
         raise BacktestError(f"{path}: no such file")
     try:
-        if path.suffix == ".parquet":
-            header, rows = _rows_from_parquet(path)
-        else:
-            header, rows = _rows_from_csv(path)
-    except (OSError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+        df = _frame(path)
+    except (OSError, UnicodeDecodeError, gzip.BadGzipFile, pl.exceptions.PolarsError) as exc:
         raise BacktestError(f"{path}: cannot read: {exc}") from None
-    col = {name: i for i, name in enumerate(header)}
-    if "open_time_ms" not in col and "open_time" in col:
-        col["open_time_ms"] = col["open_time"]
-    missing = [
-        c for c in ("open_time_ms", "open", "high", "low", "close", "volume") if c not in col
-    ]
+    if "open_time_ms" not in df.columns and "open_time" in df.columns:
+        df = df.rename({"open_time": "open_time_ms"})
+    needed = ("open_time_ms", "open", "high", "low", "close", "volume")
+    missing = [c for c in needed if c not in df.columns]
     if missing:
         raise BacktestError(f"{path}: missing column(s) {', '.join(missing)}")
     named = _symbol_from_name(path)
-    by_symbol: dict[str, list[list[str]]] = {}
-    if "symbol" in col:
-        for r in rows:
-            by_symbol.setdefault(r[col["symbol"]].upper(), []).append(r)
+    if "symbol" in df.columns:
+        groups = {
+            str(k[0] if isinstance(k, tuple) else k).upper(): g
+            for k, g in df.group_by("symbol", maintain_order=True)
+        }
     elif named is not None:
-        by_symbol[named] = rows
+        groups = {named: df}
     else:
         raise BacktestError(f"{path}: no symbol column and no symbol in the file name")
     out = []
-    iot, io_, ih, il, ic, iv = (
-        col["open_time_ms"],
-        col["open"],
-        col["high"],
-        col["low"],
-        col["close"],
-        col["volume"],
-    )
-    for symbol, srows in by_symbol.items():
+    for symbol, g in groups.items():
         try:
-            opens = sorted((int(r[iot]), r) for r in srows)
-        except ValueError as exc:
+            g = g.with_columns(pl.col("open_time_ms").cast(pl.Int64, strict=True))
+        except pl.exceptions.PolarsError as exc:
             raise BacktestError(f"{path}: bad open time: {exc}") from None
+        g = g.sort("open_time_ms")
+        for col in needed[1:]:
+            bad = g.with_row_index("row").filter(
+                pl.col(col).cast(pl.Float64, strict=False).is_null()
+            )
+            if bad.height:
+                row = int(bad["row"][0]) + 2
+                raise BacktestError(f"{path}: bad candle row {row}: {col}={bad[col][0]!r}")
+        opens = g["open_time_ms"].to_numpy()
         interval = _interval_from_name(path)
         if interval is None:
-            gaps = [b[0] - a[0] for a, b in itertools.pairwise(opens)]
-            step = min(gaps) if gaps else 60_000
+            gaps = np.diff(opens)
+            step = int(gaps.min()) if len(gaps) else 60_000
             interval = _NAME_OF_MS.get(step)
             if interval is None:
                 raise BacktestError(f"{path}: open times {step} ms apart: not a kline interval")
-        ms = INTERVAL_MS[interval]
-        candles = []
-        for n, (t, r) in enumerate(opens):
-            try:
-                candles.append(
-                    Candle(
-                        id=f"bt:{symbol}:{interval}:{t}",
-                        ts_event=(t + ms) * 1_000_000,
-                        ts_init=(t + ms) * 1_000_000,
-                        symbol=symbol,
-                        interval=interval,
-                        open_time=t,
-                        close_time=t + ms - 1,
-                        open=Decimal(r[io_]),
-                        high=Decimal(r[ih]),
-                        low=Decimal(r[il]),
-                        close=Decimal(r[ic]),
-                        volume=Decimal(r[iv]),
-                        source="file",
-                    )
-                )
-            except (InvalidOperation, IndexError, TypeError):
-                raise BacktestError(f"{path}: bad candle row {n + 2}: {r}") from None
-        out.append(Series(symbol, interval, candles))
+        units = close_units(g["close"])
+        out.append(
+            Bars(
+                symbol=symbol,
+                interval=interval,
+                interval_ms=INTERVAL_MS[interval],
+                open_time=opens,
+                open=g["open"].to_list(),
+                high=g["high"].to_list(),
+                low=g["low"].to_list(),
+                close=g["close"].to_list(),
+                volume=g["volume"].to_list(),
+                close_units=units if units is not None else np.zeros(0, dtype=np.int64),
+                source="file",
+            )
+        )
     return out
 
 
-async def _load_db(spec: str, database_url: str) -> list[Series]:
+async def _load_db(spec: str, database_url: str) -> list[Bars]:
     import asyncpg
 
     body = spec[len(DB_PREFIX) :]
@@ -211,35 +217,28 @@ async def _load_db(spec: str, database_url: str) -> list[Series]:
         out = []
         for symbol in symbols:
             rows = await conn.fetch(
-                "SELECT open_time, close_time, open, high, low, close, volume FROM candles"
+                "SELECT open_time, open, high, low, close, volume FROM candles"
                 " WHERE symbol = $1 AND interval = $2 ORDER BY open_time",
                 symbol,
                 interval,
             )
             if not rows:
                 raise BacktestError(f"{spec}: no {interval} candles of {symbol} in the database")
+            closes = pl.Series([str(r["close"]) for r in rows])
+            units = close_units(closes)
             out.append(
-                Series(
-                    symbol,
-                    interval,
-                    [
-                        Candle(
-                            id=f"bt:{symbol}:{interval}:{r['open_time']}",
-                            ts_event=(r["close_time"] + 1) * 1_000_000,
-                            ts_init=(r["close_time"] + 1) * 1_000_000,
-                            symbol=symbol,
-                            interval=interval,
-                            open_time=r["open_time"],
-                            close_time=r["close_time"],
-                            open=r["open"],
-                            high=r["high"],
-                            low=r["low"],
-                            close=r["close"],
-                            volume=r["volume"],
-                            source="db",
-                        )
-                        for r in rows
-                    ],
+                Bars(
+                    symbol=symbol,
+                    interval=interval,
+                    interval_ms=INTERVAL_MS[interval],
+                    open_time=np.asarray([r["open_time"] for r in rows], dtype=np.int64),
+                    open=[str(r["open"]) for r in rows],
+                    high=[str(r["high"]) for r in rows],
+                    low=[str(r["low"]) for r in rows],
+                    close=closes.to_list(),
+                    volume=[str(r["volume"]) for r in rows],
+                    close_units=units if units is not None else np.zeros(0, dtype=np.int64),
+                    source="db",
                 )
             )
         return out
@@ -247,11 +246,11 @@ async def _load_db(spec: str, database_url: str) -> list[Series]:
         await conn.close()
 
 
-def load_candles(specs: Sequence[str], database_url: str | None = None) -> dict[str, Series]:
+def load_candles(specs: Sequence[str], database_url: str | None = None) -> dict[str, Bars]:
     """Every candle named by ``--candles``, one interval for all, by symbol."""
     import asyncio
 
-    series: list[Series] = []
+    series: list[Bars] = []
     for spec in specs:
         if spec.startswith(DB_PREFIX):
             if not database_url:
@@ -259,7 +258,7 @@ def load_candles(specs: Sequence[str], database_url: str | None = None) -> dict[
             series += asyncio.run(_load_db(spec, database_url))
         else:
             series += load_file(Path(spec))
-    by_symbol: dict[str, Series] = {}
+    by_symbol: dict[str, Bars] = {}
     for s in series:
         if s.symbol in by_symbol:
             raise BacktestError(f"{s.symbol}: candles given twice")
@@ -270,6 +269,17 @@ def load_candles(specs: Sequence[str], database_url: str | None = None) -> dict[
     if not by_symbol:
         raise BacktestError("no candles")
     return by_symbol
+
+
+def columnar(strategy: object, bars: Mapping[str, Bars]) -> bool:
+    """Can this run take the columnar path (same fills, fewer steps)?"""
+    if not isinstance(strategy, ColumnarStrategy):
+        return False
+    series = list(bars.values())
+    if any(len(b.close_units) != len(b) for b in series):
+        return False
+    first = series[0].open_time
+    return all(np.array_equal(b.open_time, first) for b in series[1:])
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -331,7 +341,7 @@ def read_config(path: str | None) -> dict[str, Any]:
 # -- outputs -------------------------------------------------------------------------------
 def write_fills(result: BacktestResult, path: Path) -> None:
     with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(FILL_COLUMNS)
         for f in result.fills:
             w.writerow(
@@ -350,11 +360,15 @@ def write_fills(result: BacktestResult, path: Path) -> None:
 
 
 def write_equity(result: BacktestResult, path: Path) -> None:
-    with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["time", "equity", *(f"pos_{s}" for s in result.symbols)])
-        for p in result.equity:
-            w.writerow([p.time_ms, p.equity, *p.positions])
+    curve = result.equity
+    columns = {
+        "time": curve.times,
+        "equity": [str(e) for e in curve.equity],
+        **{f"pos_{s}": [str(q) for q in curve.positions[n]] for n, s in enumerate(result.symbols)},
+    }
+    pl.DataFrame(
+        columns, schema={k: pl.Int64 if k == "time" else pl.Utf8 for k in columns}
+    ).write_csv(path)
 
 
 def _clean(obj: Any) -> Any:
@@ -444,21 +458,28 @@ def run(
     interval = next(iter(series.values())).interval
     symbols = {s: (base_asset(s), s[len(base_asset(s)) :]) for s in series}
     bt = Backtester(strat, symbols, cash=start_cash, fill=fill, interval_ms=INTERVAL_MS[interval])
-    total = sum(len(s.candles) for s in series.values())
-    bar = None
-    if progress is not False and total >= PROGRESS_FROM:
-        from tqdm import tqdm
+    total = sum(len(s) for s in series.values())
+    if columnar(strat, series):
+        result = bt.run_columnar(series)
+    else:
+        bar = None
+        if progress is not False and total >= PROGRESS_FROM:
+            from tqdm import tqdm
 
-        bar = tqdm(
-            total=total, unit="candle", file=sys.stderr, disable=None if progress is None else False
-        )
-    try:
-        result = bt.run(
-            {s: v.candles for s, v in series.items()}, bar.update if bar is not None else None
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+            bar = tqdm(
+                total=total,
+                unit="candle",
+                file=sys.stderr,
+                disable=None if progress is None else False,
+            )
+        try:
+            result = bt.run(
+                {s: v.candles() for s, v in series.items()},
+                bar.update if bar is not None else None,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
     metrics = performance.compute(result)
     metrics["strategy"] = strategy
     metrics["settings"] = settings

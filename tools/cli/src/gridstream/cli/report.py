@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
+
 from gridstream.core.backtest import BacktestResult
 from gridstream.core.performance import drawdown
 
@@ -24,20 +26,28 @@ MAX_LEVELS: Final = 4000
 MAX_FILLS: Final = 4000
 
 
-def thin(xs: Sequence[int], ys: Sequence[float], limit: int = MAX_POINTS) -> list[list[float]]:
+def thin(
+    xs: Sequence[int] | np.ndarray, ys: Sequence[float] | np.ndarray, limit: int = MAX_POINTS
+) -> list[list[float]]:
     """At most about ``limit`` points: per bucket the first, min, max and last."""
-    n = len(xs)
+    x = np.asarray(xs, dtype=np.float64)
+    y = np.asarray(ys, dtype=np.float64)
+    n = len(x)
     if n <= limit:
-        return [[x, y] for x, y in zip(xs, ys, strict=True)]
+        small: list[list[float]] = np.column_stack((x, y)).tolist() if n else []
+        return small
     size = max(1, (4 * n) // limit)
-    out: list[list[float]] = []
-    for start in range(0, n, size):
-        idx = range(start, min(n, start + size))
-        lo = min(idx, key=lambda i: ys[i])
-        hi = max(idx, key=lambda i: ys[i])
-        for i in sorted({idx[0], lo, hi, idx[-1]}):
-            out.append([xs[i], ys[i]])
-    return out
+    buckets = n // size
+    head = y[: buckets * size].reshape(buckets, size)
+    base = np.arange(buckets) * size
+    picks = np.concatenate(
+        (base, base + head.argmin(axis=1), base + head.argmax(axis=1), base + size - 1)
+    )
+    if buckets * size < n:
+        picks = np.concatenate((picks, [buckets * size, n - 1]))
+    idx = np.unique(picks)
+    points: list[list[float]] = np.column_stack((x[idx], y[idx])).tolist()
+    return points
 
 
 def _every(items: Sequence[Any], limit: int) -> list[Any]:
@@ -50,13 +60,15 @@ def _every(items: Sequence[Any], limit: int) -> list[Any]:
 def payload(
     result: BacktestResult, metrics: Mapping[str, Any], series: Mapping[str, Any]
 ) -> dict[str, Any]:
-    times = [p.time_ms for p in result.equity]
-    eq = [float(p.equity) for p in result.equity]
+    times = np.asarray(result.equity.times, dtype=np.int64)
+    eq = np.asarray([float(e) for e in result.equity.equity], dtype=np.float64)
     _mdd, _dur, dd = drawdown(times, eq)
     symbols = []
     for sym in result.symbols:
-        candles = series[sym].candles
-        closes = thin([c.close_time for c in candles], [float(c.close) for c in candles])
+        bars = series[sym]
+        closes = thin(
+            bars.open_time + bars.interval_ms - 1, np.asarray(bars.close, dtype=np.float64)
+        )
         fills = _every(
             [
                 [f.time_ms, float(f.price), 1 if f.side == "BUY" else -1]
@@ -73,7 +85,7 @@ def payload(
     return {
         "title": f"{metrics.get('strategy', '')} on {', '.join(result.symbols)}",
         "equity": thin(times, eq),
-        "drawdown": thin(times, [-d for d in dd]),
+        "drawdown": thin(times, -dd),
         "symbols": symbols,
     }
 

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+import numpy as np
+
 from gridstream.common.messages import (
     AnyMessage,
     Candle,
@@ -30,6 +32,9 @@ from gridstream.core.strategies.grid import base_asset
 
 NAME = "sma-cross"
 ZERO = Decimal(0)
+#: The decisions: the fast SMA crossed above (UP) or below (DOWN) the slow one.
+UP = 1
+DOWN = -1
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,42 @@ class SmaCross:
         diff = st.fast_sum * p.slow - st.slow_sum * p.fast
         sign = (diff > 0) - (diff < 0)
         prev, st.prev = st.prev, sign
-        if prev is None or st.pending is not None:
+        if prev is None:
             return []
-        if prev < 0 and sign > 0 and st.position <= 0:
-            return [self._order(c, "BUY", p.qty)]
-        if prev > 0 and sign < 0 and st.position > 0:
+        if prev < 0 < sign:
+            return self.on_decision(c, UP)
+        if prev > 0 > sign:
+            return self.on_decision(c, DOWN)
+        return []
+
+    def on_decision(self, c: Candle, value: int) -> list[OrderIntent]:
+        """At a cross (``UP``: fast above slow, ``DOWN``: below): buy when flat, sell the
+        position when long, nothing while an order is still out."""
+        st = self._st(c.symbol)
+        if st.pending is not None:
+            return []
+        if value == UP and st.position <= 0:
+            return [self._order(c, "BUY", self.params.qty)]
+        if value == DOWN and st.position > 0:
             return [self._order(c, "SELL", st.position)]
         return []
+
+    def decision_bars(self, close_units: np.ndarray) -> np.ndarray:
+        """``UP``/``DOWN`` at every bar whose close completes a cross, else 0: the same
+        exact comparison as :meth:`on_candle`, over integer closes (``10**-8`` units)."""
+        p = self.params
+        c = np.asarray(close_units, dtype=np.int64)
+        out = np.zeros(len(c), dtype=np.int8)
+        if len(c) <= p.slow:
+            return out
+        fast = np.convolve(c, np.ones(p.fast, dtype=np.int64), mode="valid")[p.slow - p.fast :]
+        slow = np.convolve(c, np.ones(p.slow, dtype=np.int64), mode="valid")
+        sign = np.sign(fast * p.slow - slow * p.fast)  # sign[k]: bar slow - 1 + k
+        up = (sign[:-1] < 0) & (sign[1:] > 0)
+        down = (sign[:-1] > 0) & (sign[1:] < 0)
+        out[p.slow :][up] = UP
+        out[p.slow :][down] = DOWN
+        return out
 
     def _order(self, c: Candle, side: Side, qty: Decimal) -> OrderIntent:
         coid = f"sx-{side[0].lower()}-{c.open_time}"
