@@ -24,7 +24,13 @@ from typing import Any, get_type_hints
 
 import msgspec
 
-from gridstream.common.settings import SECRET_FIELDS, CommonSettings, env_name
+from gridstream.common.settings import (
+    SECRET_FIELDS,
+    UNPREFIXED,
+    CommonSettings,
+    env_name,
+    redact_url,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE = REPO / "libs" / "common" / "src" / "gridstream" / "common" / "settings_reference.py"
@@ -99,6 +105,13 @@ def _default(field: msgspec.structs.FieldInfo) -> str:
     return str(value)
 
 
+def _shown_default(field: msgspec.structs.FieldInfo) -> str:
+    """The default as docs show it: a URL without any password, other secrets hidden."""
+    if field.name in UNPREFIXED:
+        return redact_url(_default(field))
+    return "<secret>" if field.name in SECRET_FIELDS else _default(field)
+
+
 def collect() -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     common = {f.name for f in msgspec.structs.fields(CommonSettings)}
@@ -117,7 +130,7 @@ def collect() -> list[dict[str, Any]]:
                     "field": f.name,
                     "owners": [],
                     "type": _type_text(hints[f.name]),
-                    "default": "<secret>" if f.name in SECRET_FIELDS else _default(f),
+                    "default": _shown_default(f),
                     "secret": f.name in SECRET_FIELDS,
                     "doc": docs.get(f.name, ""),
                 },

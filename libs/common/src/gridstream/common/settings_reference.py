@@ -27,7 +27,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "database_url",
         ("common",),
         "str",
-        "<secret>",
+        "postgresql://postgres@localhost:5432/gridstream",
         True,
         "Postgres (the ledger); read from ``DATABASE_URL``.",
     ),
@@ -92,7 +92,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Decimal",
         "2",
         False,
-        "",
+        "Level spacing in ATRs (the spacing is the largest of this, min_spacing_bps and fees).",
     ),
     Setting(
         "GS_ATR_PERIOD",
@@ -155,7 +155,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Decimal",
         "0.5",
         False,
-        "",
+        "A live order within this many spacings of a wanted level is kept, not replaced.",
     ),
     Setting(
         "GS_CANDLE_CHECK",
@@ -218,7 +218,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Decimal",
         "10",
         False,
-        "",
+        "Fee per fill in basis points: a round trip must clear twice this plus a tick.",
     ),
     Setting(
         "GS_FLUSH_INTERVAL_S",
@@ -290,7 +290,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "int",
         "3",
         False,
-        "",
+        "Grid orders on each side of the centre.",
     ),
     Setting(
         "GS_LISTEN_KEY_KEEPALIVE_S",
@@ -407,7 +407,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Decimal",
         "25",
         False,
-        "",
+        "Smallest level spacing, in basis points of the close.",
     ),
     Setting(
         "GS_MIN_WARMUP",
@@ -434,7 +434,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Decimal",
         "20",
         False,
-        "",
+        "Quote amount of each grid order (quantity = this / price, down to the step).",
     ),
     Setting(
         "GS_OUTBOX_RETRY_S",
@@ -452,7 +452,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Decimal",
         "0.00001",
         False,
-        "",
+        "Quantity step when the venue gives none for a symbol.",
     ),
     Setting(
         "GS_RECONNECT_DELAY_S",
@@ -794,7 +794,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "list[str]",
         "",
         False,
-        "",
+        "SYMBOL:VALUE,... quantity step overrides.",
     ),
     Setting(
         "GS_STREAM_MAXLEN_CANDLES",
@@ -893,7 +893,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Decimal",
         "0.01",
         False,
-        "",
+        "Price tick when the venue gives none for a symbol.",
     ),
     Setting(
         "GS_TICK_SIZES",
@@ -902,7 +902,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "list[str]",
         "",
         False,
-        "",
+        "SYMBOL:VALUE,... tick size overrides.",
     ),
     Setting(
         "GS_TRADE_STREAM",
@@ -1035,7 +1035,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "redis_url",
         ("common",),
         "str",
-        "<secret>",
+        "redis://localhost:6379/0",
         True,
         "Redis (streams, leases, heartbeats); read from ``REDIS_URL``.",
     ),

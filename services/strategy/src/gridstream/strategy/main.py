@@ -59,16 +59,27 @@ class StrategySettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown
     ``tick_size`` / ``qty_step`` (risk enforces the venue's filters in any case).
     """
 
+    #: The signal interval that decides the grid.
     interval: str = "1m"
+    #: Grid orders on each side of the centre.
     levels: int = _DEFAULTS.levels
+    #: Level spacing in ATRs (the spacing is the largest of this, min_spacing_bps and fees).
     atr_mult: Decimal = _DEFAULTS.atr_mult
+    #: Smallest level spacing, in basis points of the close.
     min_spacing_bps: Decimal = _DEFAULTS.min_spacing_bps
+    #: Fee per fill in basis points: a round trip must clear twice this plus a tick.
     fee_bps: Decimal = _DEFAULTS.fee_bps
+    #: Quote amount of each grid order (quantity = this / price, down to the step).
     order_quote: Decimal = _DEFAULTS.order_quote
+    #: Price tick when the venue gives none for a symbol.
     tick_size: Decimal = _DEFAULTS.tick_size
+    #: Quantity step when the venue gives none for a symbol.
     qty_step: Decimal = _DEFAULTS.qty_step
+    #: A live order within this many spacings of a wanted level is kept, not replaced.
     cancel_tolerance: Decimal = _DEFAULTS.tolerance
+    #: SYMBOL:VALUE,... tick size overrides.
     tick_sizes: list[str] = msgspec.field(default_factory=list)
+    #: SYMBOL:VALUE,... quantity step overrides.
     step_sizes: list[str] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
