@@ -18,7 +18,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
-import pytest
 import redis.asyncio as aioredis
 
 from gridstream.common import codec, db
@@ -79,7 +78,6 @@ async def wait_for(condition, timeout_s: float, procs=(), what: str = "") -> Non
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.timeout(240)
 async def test_three_signals_replicas_split_five_symbols_and_survive_a_kill(
     redis_url, database_url, tmp_path
 ):
