@@ -206,7 +206,7 @@ async def test_flush_interval_writes_without_more_data(redis_url, tmp_path):
     await publish(redis, [(stream(Kind.CANDLES, "BTCUSDT"), candle("BTCUSDT", 0))])
     stop = asyncio.Event()
     task = asyncio.create_task(a.run(stop))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while not store.list() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert len(store.list()) == 2

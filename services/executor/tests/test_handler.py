@@ -145,12 +145,18 @@ async def test_redelivered_approval_of_a_filled_order_does_not_reopen_it(
         await orders_consumed(redis_url)
 
         async def fill_published() -> bool:
-            return any(
+            unpublished = await fetch(
+                database_url,
+                "SELECT seq FROM fills WHERE published_at IS NULL"
+                " UNION ALL SELECT seq FROM order_events WHERE published_at IS NULL",
+            )
+            return not unpublished and any(
                 isinstance(m, OrderFilled) and m.client_order_id == order.client_order_id
                 for m in await executions(redis_url)
             )
 
-        await wait_for(fill_published, what="the fill on the executions stream")
+        # the fill out and the outbox empty: nothing of the first delivery is still to come
+        await wait_for(fill_published, what="the fill on the executions stream, outbox empty")
         before = await executions(redis_url)
         await send(redis_url, order)  # at-least-once: the same approval again
         # acknowledged means handled: the executor commits its outputs with the ack

@@ -67,7 +67,7 @@ async def consumed(redis_url: str, kind: Kind) -> None:
     client = aioredis.Redis.from_url(redis_url)
     name = stream(kind, SYMBOL)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while True:
             info = {g["name"].decode(): g for g in await client.xinfo_groups(name)}
             g = info.get(group(Service.RISK))
@@ -92,7 +92,7 @@ async def running_risk(venue: str, redis_url: str, database_url: str) -> AsyncIt
     rt = Runtime(Service.RISK, settings)
     task = asyncio.create_task(run(settings, rt))
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not rt.ready:
             assert time.monotonic() < deadline, "risk did not become ready"
             if task.done():
@@ -110,7 +110,7 @@ async def sell_verdicts(redis_url: str, n0: int, *qtys: str) -> list[str]:
     msgs = [intent(n0 + i, "SELL", "80000", q) for i, q in enumerate(qtys)]
     await publish(redis_url, Kind.INTENTS, msgs)
     ids = {m.id for m in msgs}
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         got = [v for v in await verdicts(redis_url) if v.intent_id in ids]  # type: ignore[union-attr]
         if len(got) == len(msgs):

@@ -112,7 +112,7 @@ async def test_risk_service_end_to_end(venue_url: str, redis_url: str, database_
     rt = Runtime(Service.RISK, settings)
     task = asyncio.create_task(run(settings, rt))
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while not rt.ready:
             assert time.monotonic() < deadline, "risk did not become ready"
             if task.done():
@@ -133,7 +133,7 @@ async def test_risk_service_end_to_end(venue_url: str, redis_url: str, database_
             )
         finally:
             await client.aclose()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while len(got := await verdicts(redis_url)) < 5:
             assert time.monotonic() < deadline, f"only {len(got)} verdicts"
             await asyncio.sleep(0.05)
