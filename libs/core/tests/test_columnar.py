@@ -81,10 +81,16 @@ def test_columnar_run_equals_the_candle_by_candle_run(fill, cash, params):
         assert a.rejected  # the case really had rejections
 
 
+def test_no_decisions_on_candles_of_another_interval():
+    data = bars("BTCUSDT", 3000)
+    assert SmaCross(SmaCrossParams(interval="15m")).decision_bars(data).any() == False  # noqa: E712
+    assert SmaCross().decision_bars(data).any()
+
+
 def test_decision_bars_are_where_on_candle_can_act():
     data = bars("BTCUSDT", 3000)
     s = SmaCross(SmaCrossParams(fast=7, slow=25))
-    marks = s.decision_bars(data.close_units)
+    marks = s.decision_bars(data)
     probe = SmaCross(SmaCrossParams(fast=7, slow=25))
     seen = []
     for i, c in enumerate(data.candles()):

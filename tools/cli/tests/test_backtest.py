@@ -160,7 +160,8 @@ def test_settings_config_and_flags(tmp_path):
     ).quantize(Decimal("1e-8"))
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["start_equity"] == 1000
-    assert metrics["settings"] == {"fast": "5", "slow": "20", "qty": "0.001"}
+    # the strategy trades the candles' interval unless told otherwise
+    assert metrics["settings"] == {"fast": "5", "slow": "20", "qty": "0.001", "interval": "1m"}
 
 
 @pytest.mark.parametrize(

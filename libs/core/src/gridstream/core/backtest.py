@@ -214,6 +214,25 @@ class Bars:
     def candles(self) -> Iterator[Candle]:
         return (self.candle(i) for i in range(len(self.close)))
 
+    def window(self, start_ms: int, end_ms: int) -> Bars:
+        """The bars opening in ``[start_ms, end_ms)``."""
+        a = int(np.searchsorted(self.open_time, start_ms, side="left"))
+        b = int(np.searchsorted(self.open_time, end_ms, side="left"))
+        units = self.close_units[a:b] if len(self.close_units) == len(self) else self.close_units
+        return Bars(
+            symbol=self.symbol,
+            interval=self.interval,
+            interval_ms=self.interval_ms,
+            open_time=self.open_time[a:b],
+            open=self.open[a:b],
+            high=self.high[a:b],
+            low=self.low[a:b],
+            close=self.close[a:b],
+            volume=self.volume[a:b],
+            close_units=units,
+            source=self.source,
+        )
+
 
 #: Closes in :attr:`Bars.close_units` are integers of this many decimal places.
 CLOSE_PLACES: Final = 8
@@ -223,13 +242,13 @@ CLOSE_PLACES: Final = 8
 class ColumnarStrategy(Protocol):
     """A strategy whose candle decisions can be found over whole columns at once.
 
-    ``decision_bars`` gives, for every bar, 0 where ``on_candle`` could not act whatever
+    ``decision_bars`` gives, for every bar of ``bars``, 0 where ``on_candle`` could not act whatever
     the strategy's orders and position, else a value handed to ``on_decision`` with that
     bar's candle, which then decides exactly as ``on_candle`` would have. The two paths
     are held equal by a test, fill for fill.
     """
 
-    def decision_bars(self, close_units: np.ndarray) -> np.ndarray: ...
+    def decision_bars(self, bars: Bars) -> np.ndarray: ...
 
     def on_decision(self, c: Candle, value: int) -> list[OrderIntent]: ...
 
@@ -341,7 +360,7 @@ class Backtester:
         if any(not np.array_equal(bars[s].open_time, first.open_time) for s in syms[1:]):
             raise ValueError("the columnar run needs one timeline for every symbol")
         n = len(first)
-        decisions = {s: strategy.decision_bars(bars[s].close_units) for s in syms}
+        decisions = {s: strategy.decision_bars(bars[s]) for s in syms}
         todo = sorted({int(i) for s in syms for i in np.flatnonzero(decisions[s])})
         heap = list(todo)
         heapq.heapify(heap)

@@ -56,7 +56,8 @@ from gridstream.core.backtest import (
     ColumnarStrategy,
     FillSettings,
 )
-from gridstream.core.strategies import STRATEGIES, StrategySettingsError, make
+from gridstream.core.signals.engine import SignalEngine
+from gridstream.core.strategies import STRATEGIES, Strategy, StrategySettingsError, make
 from gridstream.core.strategies.grid import QUOTE_ASSETS, base_asset
 
 DB_PREFIX: Final = "db:"
@@ -422,6 +423,53 @@ def table(metrics: Mapping[str, Any]) -> str:
 
 
 # -- the command ---------------------------------------------------------------------------
+def with_interval(strategy: str, settings: Mapping[str, str], interval: str) -> dict[str, str]:
+    """A strategy with an ``interval`` setting trades the candles' interval unless told."""
+    out = dict(settings)
+    spec = STRATEGIES.get(strategy)
+    if spec is not None and "interval" in spec.defaults() and "interval" not in out:
+        out["interval"] = interval
+    return out
+
+
+def simulate(
+    strat: Strategy,
+    series: Mapping[str, Bars],
+    fill: FillSettings,
+    cash: Decimal,
+    *,
+    progress: bool | None = None,
+) -> BacktestResult:
+    """One run of ``strat`` over ``series``: columnar when it can be, else candle by candle."""
+    first = next(iter(series.values()))
+    symbols = {s: (base_asset(s), s[len(base_asset(s)) :]) for s in series}
+    bt = Backtester(
+        strat,
+        symbols,
+        cash=cash,
+        fill=fill,
+        interval_ms=first.interval_ms,
+        signals=SignalEngine(base=first.interval),
+    )
+    if columnar(strat, series):
+        return bt.run_columnar(series)
+    total = sum(len(s) for s in series.values())
+    bar = None
+    if progress is not False and total >= PROGRESS_FROM:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total, unit="candle", file=sys.stderr, disable=None if progress is None else False
+        )
+    try:
+        return bt.run(
+            {s: v.candles() for s, v in series.items()}, bar.update if bar is not None else None
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def run(
     *,
     strategy: str,
@@ -444,6 +492,9 @@ def run(
     cfg = read_config(config)
     settings = {k: str(v) for k, v in cfg.get("strategy", {}).items()}
     settings.update(parse_sets(sets))
+    series = load_candles(candles, database_url)
+    interval = next(iter(series.values())).interval
+    settings = with_interval(strategy, settings, interval)
     try:
         strat = make(strategy, settings)
     except StrategySettingsError as exc:
@@ -454,32 +505,8 @@ def run(
         start_cash = Decimal(cash_text)
     except InvalidOperation:
         raise BacktestError(f"--cash {cash_text!r}: not a number") from None
-    series = load_candles(candles, database_url)
-    interval = next(iter(series.values())).interval
-    symbols = {s: (base_asset(s), s[len(base_asset(s)) :]) for s in series}
-    bt = Backtester(strat, symbols, cash=start_cash, fill=fill, interval_ms=INTERVAL_MS[interval])
     total = sum(len(s) for s in series.values())
-    if columnar(strat, series):
-        result = bt.run_columnar(series)
-    else:
-        bar = None
-        if progress is not False and total >= PROGRESS_FROM:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=total,
-                unit="candle",
-                file=sys.stderr,
-                disable=None if progress is None else False,
-            )
-        try:
-            result = bt.run(
-                {s: v.candles() for s, v in series.items()},
-                bar.update if bar is not None else None,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+    result = simulate(strat, series, fill, start_cash, progress=progress)
     metrics = performance.compute(result)
     metrics["strategy"] = strategy
     metrics["settings"] = settings

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     history_mod.add_parsers(sub)
     signals_export.add_parser(sub)
     add_backtest_parser(sub)
+    add_research_parsers(sub)
 
     cf = sub.add_parser(
         "config", help="the effective settings (environment, secret files, defaults), masked"
@@ -187,6 +188,118 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("--json", action="store_true", help="machine-readable output")
     cf.set_defaults(fn=cmd_config)
     return p
+
+
+def _research_common(p: argparse.ArgumentParser) -> None:
+    from gridstream.core.strategies import STRATEGIES
+
+    p.add_argument("--strategy", required=True, choices=sorted(STRATEGIES))
+    p.add_argument("--candles", required=True, nargs="+", metavar="PATH")
+    p.add_argument(
+        "--grid", action="append", required=True, metavar="KEY=V1,V2", help="values to try"
+    )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a fixed setting")
+    p.add_argument("--config", metavar="FILE.toml")
+    p.add_argument("--cash")
+    p.add_argument("--fee")
+    p.add_argument("--slippage-bps")
+    p.add_argument("--jobs", type=int, help="worker processes (default: every core)")
+    p.add_argument("--sort", default="sharpe", help="the metric to rank by (default sharpe)")
+
+
+def add_research_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from . import research
+
+    sw = sub.add_parser(
+        "sweep",
+        help="a backtest per combination of settings, on every core, ranked",
+        description=research.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _research_common(sw)
+    sw.add_argument("--top", type=int, help="show only the best N")
+    sw.add_argument("--out", metavar="FILE.csv", help="write every result")
+    sw.set_defaults(fn=cmd_sweep)
+    wf = sub.add_parser(
+        "walkforward",
+        help="fit on one window, judge on the next, rolling",
+        description=research.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _research_common(wf)
+    wf.add_argument("--train-days", type=float, required=True)
+    wf.add_argument("--test-days", type=float, required=True)
+    wf.add_argument("--step-days", type=float, help="default: --test-days")
+    wf.set_defaults(fn=cmd_walkforward)
+
+
+def _research_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    from decimal import Decimal, InvalidOperation
+
+    from . import backtest as backtest_mod
+
+    cfg = backtest_mod.read_config(args.config)
+    sets = {k: str(v) for k, v in cfg.get("strategy", {}).items()}
+    sets.update(backtest_mod.parse_sets(args.set or []))
+    fill = backtest_mod.fill_settings(cfg.get("fill", {}), args.fee, args.slippage_bps)
+    cash_text = args.cash or str(cfg.get("backtest", {}).get("cash", "700"))
+    try:
+        cash = Decimal(cash_text)
+    except InvalidOperation:
+        raise backtest_mod.BacktestError(f"--cash {cash_text!r}: not a number") from None
+    return {
+        "strategy": args.strategy,
+        "candles": args.candles,
+        "grid": args.grid,
+        "sets": sets,
+        "fill": fill,
+        "cash": cash,
+        "jobs": args.jobs,
+        "sort": args.sort,
+        "database_url": os.environ.get("DATABASE_URL"),
+    }
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import csv
+
+    from . import backtest as backtest_mod
+    from . import research
+
+    try:
+        rows = research.sweep(**_research_inputs(args))
+    except backtest_mod.BacktestError as exc:
+        print(f"gridstream sweep: {exc}", file=sys.stderr)
+        return 2
+    keys = list(research.parse_grid(args.grid))
+    print(research.results_table(rows, keys, args.top))
+    if args.out:
+        names = sorted({k for r in rows for k, v in r.items() if not isinstance(v, dict)})
+        with open(args.out, "w", newline="") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow([*keys, *names])
+            for r in rows:
+                w.writerow([r["settings"].get(k, "") for k in keys] + [r.get(n, "") for n in names])
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_walkforward(args: argparse.Namespace) -> int:
+    from . import backtest as backtest_mod
+    from . import research
+
+    try:
+        rows = research.walkforward(
+            **_research_inputs(args),
+            train_days=args.train_days,
+            test_days=args.test_days,
+            step_days=args.step_days,
+        )
+    except backtest_mod.BacktestError as exc:
+        print(f"gridstream walkforward: {exc}", file=sys.stderr)
+        return 2
+    print(research.walkforward_table(rows, args.sort))
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from gridstream.common.messages import (
     deterministic_id,
 )
 from gridstream.core.strategies.grid import base_asset
+
+if TYPE_CHECKING:
+    from gridstream.core.backtest import Bars
 
 NAME = "sma-cross"
 ZERO = Decimal(0)
@@ -139,13 +143,13 @@ class SmaCross:
             return [self._order(c, "SELL", st.position)]
         return []
 
-    def decision_bars(self, close_units: np.ndarray) -> np.ndarray:
+    def decision_bars(self, bars: Bars) -> np.ndarray:
         """``UP``/``DOWN`` at every bar whose close completes a cross, else 0: the same
         exact comparison as :meth:`on_candle`, over integer closes (``10**-8`` units)."""
         p = self.params
-        c = np.asarray(close_units, dtype=np.int64)
+        c = np.asarray(bars.close_units, dtype=np.int64)
         out = np.zeros(len(c), dtype=np.int8)
-        if len(c) <= p.slow:
+        if len(c) <= p.slow or bars.interval != p.interval:
             return out
         fast = np.convolve(c, np.ones(p.fast, dtype=np.int64), mode="valid")[p.slow - p.fast :]
         slow = np.convolve(c, np.ones(p.slow, dtype=np.int64), mode="valid")
