@@ -151,11 +151,38 @@ class EquityCurve:
     equity: list[Decimal] = field(default_factory=list)
     positions: list[list[Decimal]] = field(default_factory=list)
     prices: list[list[Decimal | None]] = field(default_factory=list)
+    #: The same as floats, for analytics (set by the columnar run, else made on demand).
+    _equity_f: np.ndarray | None = None
+    _prices_f: list[np.ndarray] | None = None
+    _held: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.positions:
             self.positions = [[] for _ in self.symbols]
             self.prices = [[] for _ in self.symbols]
+
+    def equity_floats(self) -> np.ndarray:
+        if self._equity_f is None:
+            self._equity_f = np.asarray([float(e) for e in self.equity], dtype=np.float64)
+        return self._equity_f
+
+    def price_floats(self, k: int) -> np.ndarray:
+        """Symbol ``k``'s price at each point (NaN before its first candle)."""
+        if self._prices_f is None:
+            self._prices_f = [
+                np.asarray([np.nan if p is None else float(p) for p in col], dtype=np.float64)
+                for col in self.prices
+            ]
+        return self._prices_f[k]
+
+    def held(self) -> np.ndarray:
+        """True where any position is open."""
+        if self._held is None:
+            out = np.zeros(len(self.times), dtype=bool)
+            for col in self.positions:
+                out |= np.asarray([q != 0 for q in col], dtype=bool)
+            self._held = out
+        return self._held
 
     def __len__(self) -> int:
         return len(self.times)
@@ -406,11 +433,14 @@ class Backtester:
     ) -> None:
         curve = self.equity
         ms = bars[syms[0]].interval_ms
-        curve.times = [int(t) + ms - 1 for t in bars[syms[0]].open_time.tolist()]
+        curve.times = (bars[syms[0]].open_time + (ms - 1)).tolist()
         closes = [[Decimal(x) for x in bars[s].close] for s in syms]
+        closes_f = [bars[s].close_units / 10**CLOSE_PLACES for s in syms]
         curve.prices = [list(c) for c in closes]
         curve.positions = [[] for _ in syms]
         equity: list[Decimal] = []
+        equity_f = np.empty(n, dtype=np.float64)
+        held_any = np.zeros(n, dtype=bool)
         quote = self.start_cash
         held = [ZERO] * len(syms)
         points = [*changes, (n, ZERO, [])]
@@ -422,19 +452,31 @@ class Backtester:
                 for k in range(len(syms)):
                     curve.positions[k] += [held[k]] * width
                 live = [(k, held[k]) for k in range(len(syms)) if held[k]]
+                segment = np.full(width, float(quote))
                 if not live:
                     equity += [quote] * width
                 else:
-                    for i in range(start, stop):
-                        total = quote
-                        for k, q in live:
-                            total += q * closes[k][i]
-                        equity.append(total)
+                    held_any[start:stop] = True
+                    for k, q in live:
+                        segment += float(q) * closes_f[k][start:stop]
+                    if len(live) == 1:
+                        k, q = live[0]
+                        equity += [quote + q * c for c in closes[k][start:stop]]
+                    else:
+                        for i in range(start, stop):
+                            total = quote
+                            for k, q in live:
+                                total += q * closes[k][i]
+                            equity.append(total)
+                equity_f[start:stop] = segment
             if j >= n:
                 break
             quote, held = next_quote, next_held
             start = j
         curve.equity = equity
+        curve._equity_f = equity_f
+        curve._prices_f = closes_f
+        curve._held = held_any
 
     def step(self, c: Candle) -> None:
         """One closed candle: fills, marks, the strategy's decisions."""
@@ -661,7 +703,7 @@ class Backtester:
         )
         ts = now_ms * 1_000_000
         return OrderFilled(
-            id=deterministic_id("fill", VENUE, it.symbol, self._trade_no),
+            id=f"fill:{VENUE}:{it.symbol}:{self._trade_no}",
             ts_event=ts,
             ts_init=ts,
             symbol=it.symbol,

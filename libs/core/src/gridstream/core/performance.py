@@ -114,7 +114,7 @@ def compute(result: BacktestResult) -> dict[str, Any]:
     """Every figure of ``metrics.json`` (see the module docstring)."""
     curve = result.equity
     times = np.asarray(curve.times, dtype=np.int64)
-    eq = np.asarray([float(e) for e in curve.equity], dtype=np.float64)
+    eq = curve.equity_floats()
     start = float(result.start_cash)
     end = float(eq[-1]) if len(eq) else start
     per_year = YEAR_MS / result.interval_ms
@@ -128,13 +128,7 @@ def compute(result: BacktestResult) -> dict[str, Any]:
     trips = round_trips(result.fills, quote_of)
     wins = [t for t in trips if t > 0]
     losses = [-t for t in trips if t < 0]
-    if len(times):
-        held = np.zeros(len(times), dtype=bool)
-        for column in curve.positions:
-            held |= np.asarray([q != 0 for q in column], dtype=bool)
-        exposure = float(held.mean())
-    else:
-        exposure = 0.0
+    exposure = float(curve.held().mean()) if len(times) else 0.0
     return {
         "start_equity": start,
         "final_equity": end,
@@ -173,9 +167,8 @@ def buy_and_hold(result: BacktestResult, per_year: float, years: float) -> dict[
     for s in symbols:
         fee = float(result.fill_settings.fees(s)[1])
         qty = cash / (float(result.first_open[s]) * (1 + fee))
-        column = curve.prices[result.symbols.index(s)]
+        px = curve.price_floats(result.symbols.index(s))
         # before a symbol's first candle its share is still cash
-        px = np.asarray([float(p) if p is not None else np.nan for p in column])
         eq += np.where(np.isnan(px), cash, qty * px)
     start = float(result.start_cash)
     end = float(eq[-1])

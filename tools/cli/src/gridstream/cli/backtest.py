@@ -170,13 +170,14 @@ def load_file(path: Path) -> list[Bars]:
         except pl.exceptions.PolarsError as exc:
             raise BacktestError(f"{path}: bad open time: {exc}") from None
         g = g.sort("open_time_ms")
-        for col in needed[1:]:
-            bad = g.with_row_index("row").filter(
-                pl.col(col).cast(pl.Float64, strict=False).is_null()
-            )
-            if bad.height:
-                row = int(bad["row"][0]) + 2
-                raise BacktestError(f"{path}: bad candle row {row}: {col}={bad[col][0]!r}")
+        bad_rows = g.select(
+            [pl.col(c).cast(pl.Float64, strict=False).is_null().alias(c) for c in needed[1:]]
+        )
+        flags = bad_rows.select(pl.any_horizontal(pl.all()).alias("bad"))["bad"]
+        if flags.any():
+            row = int(flags.arg_true()[0])
+            col = next(c for c in needed[1:] if bad_rows[c][row])
+            raise BacktestError(f"{path}: bad candle row {row + 2}: {col}={g[col][row]!r}")
         opens = g["open_time_ms"].to_numpy()
         interval = _interval_from_name(path)
         if interval is None:

@@ -61,7 +61,7 @@ def payload(
     result: BacktestResult, metrics: Mapping[str, Any], series: Mapping[str, Any]
 ) -> dict[str, Any]:
     times = np.asarray(result.equity.times, dtype=np.int64)
-    eq = np.asarray([float(e) for e in result.equity.equity], dtype=np.float64)
+    eq = result.equity.equity_floats()
     _mdd, _dur, dd = drawdown(times, eq)
     symbols = []
     for sym in result.symbols:
