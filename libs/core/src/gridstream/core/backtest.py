@@ -437,42 +437,36 @@ class Backtester:
         closes = [[Decimal(x) for x in bars[s].close] for s in syms]
         closes_f = [bars[s].close_units / 10**CLOSE_PLACES for s in syms]
         curve.prices = [list(c) for c in closes]
-        curve.positions = [[] for _ in syms]
-        equity: list[Decimal] = []
-        equity_f = np.empty(n, dtype=np.float64)
+        # balances are constant between stepped bars: one segment per change
+        starts = np.asarray([0] + [j for j, _q, _h in changes], dtype=np.int64)
+        quotes = [self.start_cash] + [q for _j, q, _h in changes]
+        helds = [[ZERO] * len(syms)] + [h for _j, _q, h in changes]
+        widths = np.diff(np.concatenate((starts, [n])))
+        keep = widths > 0
+        starts, widths = starts[keep], widths[keep]
+        quotes = [q for q, k in zip(quotes, keep, strict=True) if k]
+        helds = [h for h, k in zip(helds, keep, strict=True) if k]
+        seg = np.repeat(np.arange(len(widths)), widths)  # segment of each bar
+        quote_col = np.asarray(quotes, dtype=object)[seg]
+        equity_f = np.asarray([float(q) for q in quotes])[seg]
         held_any = np.zeros(n, dtype=bool)
-        quote = self.start_cash
-        held = [ZERO] * len(syms)
-        points = [*changes, (n, ZERO, [])]
-        start = 0
-        for j, next_quote, next_held in points:
-            stop = min(j, n)
-            if stop > start:
-                width = stop - start
-                for k in range(len(syms)):
-                    curve.positions[k] += [held[k]] * width
-                live = [(k, held[k]) for k in range(len(syms)) if held[k]]
-                segment = np.full(width, float(quote))
-                if not live:
-                    equity += [quote] * width
-                else:
-                    held_any[start:stop] = True
-                    for k, q in live:
-                        segment += float(q) * closes_f[k][start:stop]
-                    if len(live) == 1:
-                        k, q = live[0]
-                        equity += [quote + q * c for c in closes[k][start:stop]]
-                    else:
-                        for i in range(start, stop):
-                            total = quote
-                            for k, q in live:
-                                total += q * closes[k][i]
-                            equity.append(total)
-                equity_f[start:stop] = segment
-            if j >= n:
-                break
-            quote, held = next_quote, next_held
-            start = j
+        curve.positions = []
+        equity_obj = quote_col.copy()
+        for k in range(len(syms)):
+            held_k = np.asarray([h[k] for h in helds], dtype=object)[seg]
+            curve.positions.append(held_k.tolist())
+            held_kf = np.asarray([float(h[k]) for h in helds])[seg]
+            live = held_kf != 0
+            if live.any():
+                held_any |= live
+                equity_f = equity_f + held_kf * closes_f[k]
+                idx = np.flatnonzero(live)
+                close_k = closes[k]
+                equity_obj[idx] = [
+                    e + h * close_k[i]
+                    for i, e, h in zip(idx.tolist(), equity_obj[idx], held_k[idx], strict=True)
+                ]
+        equity = equity_obj.tolist()
         curve.equity = equity
         curve._equity_f = equity_f
         curve._prices_f = closes_f
@@ -616,7 +610,8 @@ class Backtester:
         through = fs.tick(c.symbol) if fs.queue == "through" else ZERO
         vertices = path_vertices(c.open, c.high, c.low, c.close)
         span = c.close_time + 1 - c.open_time
-        times = [c.open_time + (k * span) // 3 for k in range(3)] + [c.close_time]
+        t0 = c.open_time
+        times = (t0, t0 + span // 3, t0 + (2 * span) // 3, c.close_time)
         budget = c.volume * fs.volume_share if fs.volume_share is not None else None
         out: list[OrderFilled] = []
         for k in range(4):

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from gridstream.core.backtest import BacktestResult
+from gridstream.core.backtest import CLOSE_PLACES, BacktestResult
 from gridstream.core.performance import drawdown
 
 MAX_POINTS: Final = 2000
@@ -66,9 +66,12 @@ def payload(
     symbols = []
     for sym in result.symbols:
         bars = series[sym]
-        closes = thin(
-            bars.open_time + bars.interval_ms - 1, np.asarray(bars.close, dtype=np.float64)
+        prices = (
+            bars.close_units / 10**CLOSE_PLACES
+            if len(bars.close_units) == len(bars)
+            else np.asarray(bars.close, dtype=np.float64)
         )
+        closes = thin(bars.open_time + bars.interval_ms - 1, prices)
         fills = _every(
             [
                 [f.time_ms, float(f.price), 1 if f.side == "BUY" else -1]
