@@ -250,8 +250,8 @@ class SymbolLeases:
     def key(self, symbol: str) -> str:
         return lease_key(self.service, symbol)
 
-    async def tick(self) -> LeaseChanges:
-        """Renew what is held, give up what is no longer ours, take what is ours and free."""
+    async def renew_held(self) -> LeaseChanges:
+        """Renew what is held, and nothing else (a stopping replica takes no new symbol)."""
         changes = LeaseChanges()
         held = sorted(self.held)
         if held:
@@ -263,6 +263,11 @@ class SymbolLeases:
                 self.held.discard(sym)
                 self.releasing.discard(sym)
                 changes.lost.append(sym)
+        return changes
+
+    async def tick(self) -> LeaseChanges:
+        """Renew what is held, give up what is no longer ours, take what is ours and free."""
+        changes = await self.renew_held()
         members = await self.registry.members()
         mine = {
             s for s, r in assignment(self.symbols, members).items() if r == self.registry.replica

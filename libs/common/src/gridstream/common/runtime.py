@@ -203,12 +203,18 @@ class Runtime:
 
     # -- leases -----------------------------------------------------------------------------
     async def _lease_loop(self) -> None:
-        """Renew the replica id and every lease; rebalance symbols; stop if they are lost."""
+        """Renew the replica id and every lease; rebalance symbols; stop if they are lost.
+
+        After a stop is requested it goes on renewing what is held (taking nothing new)
+        until :meth:`close`: the service's last work (a final flush, the batch in hand)
+        still commits under its fences, however long a loaded machine makes it take.
+        """
         task = asyncio.current_task()
         ttl_s = self.settings.lease_ttl_ms / 1000
-        while not self.stop_event.is_set():
+        while True:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
+            stopping = self.stop_event.is_set()
             try:
                 if not await self.registry.renew():
                     self._fatal(f"replica id {self.replica} was lost (taken after expiry)")
@@ -217,14 +223,18 @@ class Runtime:
                     self._fatal("the active role was lost to another replica")
                     return
                 if self.symbol_leases is not None:
-                    self._merge(await self.symbol_leases.tick())
+                    leases = self.symbol_leases
+                    self._merge(await (leases.renew_held() if stopping else leases.tick()))
                 self._last_renewal = time.monotonic()
             except (OSError, aioredis.ConnectionError, aioredis.TimeoutError) as exc:
                 logger.warning("cannot renew leases (%s)", exc)
                 if time.monotonic() - self._last_renewal > ttl_s:
                     self._expire_all()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), self.lease_every_s)
+            if stopping:
+                await asyncio.sleep(self.lease_every_s)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), self.lease_every_s)
 
     def _fatal(self, why: str) -> None:
         logger.error("%s: stopping this replica (a restart joins again)", why)
