@@ -113,6 +113,12 @@ def test_config_prints_effective_settings_with_sources_and_secrets_masked(tmp_pa
     assert rows["DATABASE_URL"]["value"] == "postgresql://me:***@db:5432/gridstream"
     risk_only = config("--service", "risk")
     assert "GS_MAX_EXPOSURE_QUOTE" in risk_only.stdout and "GS_API_SECRET" not in risk_only.stdout
+    env["REDIS_URL"] = "redis://cache:6379/0?password=hunter3"
+    masked = config("--json")
+    assert "hunter3" not in masked.stdout and "password=***" in masked.stdout
+    env["GS_SIM_API_SECRET_FILE"] = str(secret)  # the simulator reads no _FILE variant
+    assert "ERROR: GS_SIM_API_SECRET_FILE" in config().stdout
+    del env["GS_SIM_API_SECRET_FILE"]
     env["GS_MAX_EXPOSRE_QUOTE"] = "1"
     bad = config()
     assert bad.returncode == 1 and "ERROR: GS_MAX_EXPOSRE_QUOTE" in bad.stdout

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gridstream.core import performance
 from gridstream.core.backtest import Backtester, Bars, FillSettings
 from gridstream.core.strategies.sma_cross import SmaCross, SmaCrossParams
 
@@ -77,6 +78,7 @@ def test_columnar_run_equals_the_candle_by_candle_run(fill, cash, params):
     assert b.portfolio.unrealised() == a.portfolio.unrealised()
     assert [r.client_order_id for r in b.rejected] == [r.client_order_id for r in a.rejected]
     assert b.candles == a.candles and b.first_open == a.first_open
+    assert performance.compute(b) == performance.compute(a)  # the metrics to the last digit
     if cash == "150":
         assert a.rejected  # the case really had rejections
 

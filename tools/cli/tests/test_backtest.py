@@ -188,6 +188,10 @@ def test_bad_files_are_named(tmp_path):
     assert run.returncode == 2 and "bad candle row 2" in run.stderr
     run = backtest("--strategy", "sma-cross", "--candles", str(tmp_path / "nope.csv"), "--out", "o")
     assert run.returncode == 2 and "no such file" in run.stderr
+    twice = tmp_path / "ETHUSDT-1m.csv"
+    twice.write_text("open_time_ms,open,high,low,close,volume\n0,1,1,1,1,1\n0,1,1,1,1,1\n")
+    run = backtest("--strategy", "sma-cross", "--candles", str(twice), "--out", "o")
+    assert run.returncode == 2 and "open time 0 appears twice" in run.stderr
     anon = tmp_path / "candles.csv"
     anon.write_text("open_time_ms,open,high,low,close,volume\n0,1,1,1,1,1\n")
     run = backtest("--strategy", "sma-cross", "--candles", str(anon), "--out", "o")

@@ -104,6 +104,10 @@ def test_sweep_refuses_a_bad_grid_before_starting(tmp_path):
     assert run.returncode == 2 and "unknown setting 'fsat'" in run.stderr
     run = cli("sweep", "--strategy", "sma-cross", "--candles", f, "--grid", "fast")
     assert run.returncode == 2 and "expected KEY=V1,V2" in run.stderr
+    run = cli(
+        "sweep", "--strategy", "sma-cross", "--candles", f, "--grid", "fast=5", "--sort", "sharp"
+    )
+    assert run.returncode == 2 and "--sort 'sharp': not a metric" in run.stderr
 
 
 def test_walkforward_fits_each_window_and_judges_the_next(tmp_path):

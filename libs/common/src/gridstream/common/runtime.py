@@ -46,6 +46,8 @@ logger = logging.getLogger("gridstream.runtime")
 HEARTBEAT_TTL_S: Final = 15
 #: Exit status of a process whose configuration is invalid: restarting it cannot help.
 EXIT_INVALID_CONFIG: Final = 2
+#: After a stop, leases are renewed this many TTLs at most while the service finishes.
+STOP_GRACE_TTLS: Final = 10
 #: Exit status of a replica that stopped because a lease it needed was lost.
 EXIT_LEASE_LOST: Final = 4
 HEARTBEAT_EVERY_S: Final = 5.0
@@ -206,15 +208,26 @@ class Runtime:
         """Renew the replica id and every lease; rebalance symbols; stop if they are lost.
 
         After a stop is requested it goes on renewing what is held (taking nothing new)
-        until :meth:`close`: the service's last work (a final flush, the batch in hand)
-        still commits under its fences, however long a loaded machine makes it take.
+        until :meth:`close`, for at most :data:`STOP_GRACE_TTLS` TTLs: the service's last
+        work (a final flush, the batch in hand) still commits under its fences on a loaded
+        machine, and a shutdown that hangs still lets the other replicas take over.
         """
         task = asyncio.current_task()
         ttl_s = self.settings.lease_ttl_ms / 1000
+        stopped_at: float | None = None
         while True:
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
             stopping = self.stop_event.is_set()
+            if stopping:
+                stopped_at = stopped_at or time.monotonic()
+                if time.monotonic() - stopped_at > STOP_GRACE_TTLS * ttl_s:
+                    # a shutdown stuck this long must not keep the symbols from the others
+                    logger.warning(
+                        "still not closed %.0fs after the stop: leases lapse",
+                        (time.monotonic() - stopped_at),
+                    )
+                    return
             try:
                 if not await self.registry.renew():
                     self._fatal(f"replica id {self.replica} was lost (taken after expiry)")

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, get_args, get_origin, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import msgspec
 
@@ -32,6 +32,8 @@ REDIS_SOCKET_TIMEOUT_S: Final = 15.0
 ENV_PREFIX: Final = "GS_"
 UNPREFIXED: Final = frozenset({"redis_url", "database_url"})
 SECRET_FIELDS: Final = frozenset({"api_key", "api_secret", "database_url", "redis_url"})
+#: Query parameters of a URL whose value is masked in logs and ``gridstream config``.
+_SECRET_WORDS: Final = ("password", "secret", "token", "key")
 
 Mode = Literal["backtest", "replay", "paper", "testnet", "live"]
 
@@ -90,6 +92,8 @@ def _raw(name: str, env: Mapping[str, str]) -> str | None:
 
 #: Suffix of a variable naming a file that holds the value (Docker/Kubernetes secrets).
 FILE_SUFFIX: Final = "_FILE"
+#: Parts whose variables are read directly, without the ``_FILE`` variant.
+NO_FILE_VARIANT: Final = frozenset({"simulator", "deploy"})
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
@@ -98,8 +102,12 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     for name in env:
         if not name.startswith(ENV_PREFIX):
             continue
-        base = name.removesuffix(FILE_SUFFIX) if name.endswith(FILE_SUFFIX) else name
-        if name not in BY_NAME and base not in BY_NAME:
+        if name in BY_NAME:
+            continue
+        base = name.removesuffix(FILE_SUFFIX) if name.endswith(FILE_SUFFIX) else None
+        # ``<NAME>_FILE`` is read for the settings classes' fields only (load_settings)
+        known = BY_NAME.get(base) if base is not None else None
+        if known is None or not known.field or set(known.owners) & NO_FILE_VARIANT:
             out.append(name)
     return sorted(out)
 
@@ -161,13 +169,22 @@ def load_settings(cls: type[T], env: Mapping[str, str] | None = None) -> T:
 
 
 def redact_url(url: str) -> str:
-    """A URL with any password replaced, safe to log."""
-    if "@" not in url or "://" not in url:
+    """A URL with any password replaced (in the user part or the query), safe to log."""
+    if "://" not in url:
         return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        netloc = f"{user}:***@{host}" if ":" in creds else f"{user}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = "&".join(
+            f"{k}={'***' if any(w in k.lower() for w in _SECRET_WORDS) else v}" for k, v in pairs
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -468,7 +468,10 @@ class Backtester:
                 ]
         equity = equity_obj.tolist()
         curve.equity = equity
-        curve._equity_f = equity_f
+        # floats of the exact equity, as the candle-by-candle run makes them: the metrics
+        # of the two runs agree to the last digit
+        curve._equity_f = np.asarray([float(e) for e in equity], dtype=np.float64)
+        del equity_f
         curve._prices_f = closes_f
         curve._held = held_any
 

@@ -90,7 +90,10 @@ def round_trips(fills: Sequence[Fill], quote_of: dict[str, str]) -> list[float]:
     for f in fills:
         fee_q = f.fee if f.fee_asset == quote_of[f.symbol] else f.fee * f.price
         if f.side == "BUY":
-            lots.setdefault(f.symbol, deque()).append([f.qty, f.price, fee_q / f.qty])
+            # a fee paid in the base asset leaves less held: the lot is what is held
+            held = f.qty if f.fee_asset == quote_of[f.symbol] else f.qty - f.fee
+            if held > 0:
+                lots.setdefault(f.symbol, deque()).append([held, f.price, fee_q / held])
             continue
         book = lots.setdefault(f.symbol, deque())
         left = f.qty

@@ -171,7 +171,13 @@ def load_file(path: Path) -> list[Bars]:
             raise BacktestError(f"{path}: bad open time: {exc}") from None
         g = g.sort("open_time_ms")
         bad_rows = g.select(
-            [pl.col(c).cast(pl.Float64, strict=False).is_null().alias(c) for c in needed[1:]]
+            [
+                (
+                    pl.col(c).cast(pl.Float64, strict=False).is_null()
+                    | ~pl.col(c).cast(pl.Float64, strict=False).is_finite()
+                ).alias(c)
+                for c in needed[1:]
+            ]
         )
         flags = bad_rows.select(pl.any_horizontal(pl.all()).alias("bad"))["bad"]
         if flags.any():
@@ -179,6 +185,11 @@ def load_file(path: Path) -> list[Bars]:
             col = next(c for c in needed[1:] if bad_rows[c][row])
             raise BacktestError(f"{path}: bad candle row {row + 2}: {col}={g[col][row]!r}")
         opens = g["open_time_ms"].to_numpy()
+        repeated = np.flatnonzero(np.diff(opens) <= 0)
+        if len(repeated):
+            raise BacktestError(
+                f"{path}: {symbol}: open time {int(opens[repeated[0] + 1])} appears twice"
+            )
         interval = _interval_from_name(path)
         if interval is None:
             gaps = np.diff(opens)

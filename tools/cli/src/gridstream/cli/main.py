@@ -93,6 +93,13 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
+def _backoff(cap_s: float) -> BackoffPolicy:
+    default = BackoffPolicy()
+    if cap_s <= 0:
+        raise SystemExit("gridstream run: --restart-cap must be > 0")
+    return BackoffPolicy(initial_s=min(default.initial_s, cap_s), cap_s=cap_s)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         services, explicit = run_mod.parse_services(args.services)
@@ -107,7 +114,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         sim_port=args.sim_port,
         data_dir=Path(args.data_dir),
         stop_timeout_s=args.stop_timeout,
-        backoff=BackoffPolicy(cap_s=args.restart_cap),
+        backoff=_backoff(args.restart_cap),
     )
     return run_mod.run(options)
 

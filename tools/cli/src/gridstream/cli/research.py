@@ -183,6 +183,35 @@ def results_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], top: i
     return "\n".join(lines)
 
 
+#: The figures a run can be ranked by.
+SORTABLE: Final = frozenset(
+    {
+        "total_return",
+        "cagr",
+        "sharpe",
+        "sortino",
+        "calmar",
+        "max_drawdown",
+        "max_drawdown_duration_ms",
+        "win_rate",
+        "profit_factor",
+        "exposure",
+        "turnover",
+        "fees",
+        "round_trips",
+        "grid_profit",
+        "inventory_pnl",
+        "final_equity",
+        "fills",
+    }
+)
+
+
+def check_sort(sort: str) -> None:
+    if sort not in SORTABLE:
+        raise BacktestError(f"--sort {sort!r}: not a metric (one of {', '.join(sorted(SORTABLE))})")
+
+
 def sweep(
     *,
     strategy: str,
@@ -195,6 +224,7 @@ def sweep(
     sort: str,
     database_url: str | None,
 ) -> list[dict[str, Any]]:
+    check_sort(sort)
     combos = [{**sets, **c} for c in combinations(parse_grid(grid))]
     for c in combos:  # a bad setting is named before any process starts
         try:
@@ -242,6 +272,7 @@ def walkforward(
     step_days: float | None,
     database_url: str | None,
 ) -> list[dict[str, Any]]:
+    check_sort(sort)
     combos = [{**sets, **c} for c in combinations(parse_grid(grid))]
     for c in combos:
         try:

@@ -213,9 +213,10 @@ async def health_pid(session: aiohttp.ClientSession, name: str, host: str, port:
     url = f"http://{host}:{port}{metrics.PATH_LIVE}"
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-            text = await resp.text()
+            raw = await resp.read()
     except (TimeoutError, aiohttp.ClientError, OSError):
         return None
+    text = raw.decode("utf-8", errors="replace")
     try:
         body = json.loads(text)
         return int(body[metrics.HEALTH_PID])
@@ -284,6 +285,12 @@ class Stack:
             env["GS_METRICS_PORT"] = str(self.port_of(name))
         return env
 
+    def host_of(self, name: str) -> str:
+        """Where a child listens, as a client reaches it (any-address binds: loopback)."""
+        var = "GS_SIM_HOST" if name == SIMULATOR else "GS_METRICS_HOST"
+        host = (self.env.get(var) or SIM_HOST).strip()
+        return SIM_HOST if host in ("0.0.0.0", "::", "") else host
+
     def port_of(self, name: str) -> int:
         if name == SIMULATOR:
             return self.o.sim_port
@@ -304,7 +311,8 @@ class Stack:
         return child
 
     async def spawn(self, child: Child) -> None:
-        why = port_taken(SIM_HOST, child.port) if child.port is not None else None
+        host = self.host_of(child.name)
+        why = port_taken(host, child.port) if child.port is not None else None
         if why is not None:
             raise SupervisorError(child.name, f"cannot start {child.name}: {why}")
         proc = await asyncio.create_subprocess_exec(
@@ -346,7 +354,7 @@ class Stack:
         up ``stable_s``."""
         assert self.http is not None and child.port is not None
         while proc.returncode is None:
-            pid = await health_pid(self.http, child.name, SIM_HOST, child.port)
+            pid = await health_pid(self.http, child.name, self.host_of(child.name), child.port)
             if pid == proc.pid:
                 break
             if pid is not None:
@@ -399,7 +407,11 @@ class Stack:
                         await asyncio.wait_for(child.pump, 2)
                 if not await self.after_death(child, proc, code):
                     return
-        except SupervisorError as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a supervisor that cannot watch a child stops the stack
+            if not isinstance(exc, SupervisorError):
+                exc = SupervisorError(child.name, f"supervising {child.name} failed: {exc!r}")
             self.out.run(f"!!! {exc} !!!", loud=True)
             child.state.phase, child.state.reason = Phase.FAILED, str(exc)
             await self.publish(child)
@@ -540,10 +552,10 @@ class Stack:
     # -- all together -----------------------------------------------------------------------
     def check_ports(self, names: list[str]) -> None:
         """Every port the stack will listen on must be free before anything starts."""
-        wanted = [(n, self.port_of(n)) for n in names]
-        wanted.append(("the supervisor's metrics", self.supervisor_port))
-        for name, port in wanted:
-            why = port_taken(SIM_HOST, port)
+        wanted = [(n, self.host_of(n), self.port_of(n)) for n in names]
+        wanted.append(("the supervisor's metrics", SIM_HOST, self.supervisor_port))
+        for name, host, port in wanted:
+            why = port_taken(host, port)
             if why is not None:
                 raise SupervisorError(name, f"cannot start {name}: {why}")
 
