@@ -32,13 +32,32 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from gridstream.core.backtest import BacktestResult, Fill
 
 YEAR_MS = 365.25 * 86_400_000
+#: The headline figures, in the order tables and reports show them (keys of compute()).
+HEADLINE: Final = (
+    "total_return",
+    "cagr",
+    "sharpe",
+    "sortino",
+    "calmar",
+    "max_drawdown",
+    "max_drawdown_duration_ms",
+    "win_rate",
+    "profit_factor",
+    "exposure",
+    "turnover",
+    "fees",
+    "round_trips",
+    "grid_profit",
+    "inventory_pnl",
+    "final_equity",
+)
 
 
 def _returns(equity: np.ndarray) -> np.ndarray:

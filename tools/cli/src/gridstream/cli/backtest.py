@@ -396,24 +396,7 @@ def table(metrics: Mapping[str, Any]) -> str:
     """The terminal view: our figures beside buy-and-hold's."""
     bh = metrics.get("buy_and_hold", {})
     pct = {"total_return", "cagr", "max_drawdown", "win_rate", "exposure"}
-    rows = [
-        "total_return",
-        "cagr",
-        "sharpe",
-        "sortino",
-        "calmar",
-        "max_drawdown",
-        "max_drawdown_duration_ms",
-        "win_rate",
-        "profit_factor",
-        "exposure",
-        "turnover",
-        "fees",
-        "round_trips",
-        "grid_profit",
-        "inventory_pnl",
-        "final_equity",
-    ]
+    rows = performance.HEADLINE
 
     def fmt(key: str, v: Any) -> str:
         if v is None or v == "":

@@ -19,7 +19,7 @@ from typing import Any, Final
 import numpy as np
 
 from gridstream.core.backtest import CLOSE_PLACES, BacktestResult
-from gridstream.core.performance import drawdown
+from gridstream.core.performance import HEADLINE, drawdown
 
 MAX_POINTS: Final = 2000
 MAX_LEVELS: Final = 4000
@@ -166,23 +166,7 @@ def render(result: BacktestResult, metrics: Mapping[str, Any], series: Mapping[s
     data = payload(result, metrics, series)
     bh = metrics.get("buy_and_hold", {})
     rows = []
-    for key in (
-        "total_return",
-        "cagr",
-        "sharpe",
-        "sortino",
-        "calmar",
-        "max_drawdown",
-        "win_rate",
-        "profit_factor",
-        "exposure",
-        "turnover",
-        "fees",
-        "round_trips",
-        "grid_profit",
-        "inventory_pnl",
-        "final_equity",
-    ):
+    for key in HEADLINE:
         v, b = metrics.get(key), bh.get(key)
         rows.append(f"<tr><td>{key}</td><td>{_fmt(v)}</td><td>{_fmt(b)}</td></tr>")
     plots = [

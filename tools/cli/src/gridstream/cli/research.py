@@ -184,27 +184,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], top: i
 
 
 #: The figures a run can be ranked by.
-SORTABLE: Final = frozenset(
-    {
-        "total_return",
-        "cagr",
-        "sharpe",
-        "sortino",
-        "calmar",
-        "max_drawdown",
-        "max_drawdown_duration_ms",
-        "win_rate",
-        "profit_factor",
-        "exposure",
-        "turnover",
-        "fees",
-        "round_trips",
-        "grid_profit",
-        "inventory_pnl",
-        "final_equity",
-        "fills",
-    }
-)
+SORTABLE: Final = frozenset({*performance.HEADLINE, "fills"})
 
 
 def check_sort(sort: str) -> None:
