@@ -312,6 +312,7 @@ async def test_restart_rebuilds_orders_and_inventory_from_postgres(
             fee=D("0.0000006"),
             fee_asset="BTC",
             liquidity="maker",
+            venue="simulator",  # the same (venue, symbol, trade id) as the ledger's row
         ),
     )
     await publish(redis, Kind.SIGNALS, signal(1))

@@ -11,6 +11,7 @@ again at the next start.
 from __future__ import annotations
 
 from enum import StrEnum, nonmember
+from typing import Final
 
 from gridstream.common.messages import Actions, IntentAction
 
@@ -58,3 +59,11 @@ class RiskVerdict(StrEnum):
 
     APPROVED = "approved"
     REJECTED = "rejected"
+
+
+#: The ledger's fills, oldest first: the rows every portfolio is rebuilt from
+#: (``gridstream.core.portfolio.book_from_fills``). ``$1``: the symbols (NULL: every one).
+SELECT_FILLS: Final = (
+    "SELECT venue, symbol, trade_id, side, price, qty, fee, fee_asset FROM fills"
+    " WHERE $1::text[] IS NULL OR symbol = ANY($1::text[]) ORDER BY ts_event, seq"
+)

@@ -17,17 +17,60 @@ Rules:
   ``equity - start = realised + unrealised - fees`` (checked by the tests).
 * Equity is the quote balance plus every other balance marked to its symbol's last price
   (assets with no price yet are marked at zero).
+* A fee paid in a third asset (BNB on Binance) comes out of that asset's balance and is
+  counted among the fees paid by asset; it cannot be valued in the quote asset from the
+  fill alone, so it stays out of :meth:`Portfolio.fees` (and out of equity, that asset
+  having no price).
+
+Services do not know the account's cash from fills alone: they build the portfolio with
+:func:`book_from_fills` out of the ledger's ``fills`` rows and feed it ``OrderFilled``
+messages through a :class:`FillBook`, which applies each (venue, symbol, trade id) once.
+Positions, average cost and PnL are then right; balances hold the fills' net flows until
+the account's balances are set (:meth:`Portfolio.set_balances`) where they are known.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Final, Literal, Protocol
+
+from gridstream.common.binance.filters import SymbolFilters
+from gridstream.common.messages import OrderFilled
 
 ZERO = Decimal(0)
 Side = Literal["BUY", "SELL"]
+#: Quote assets recognised when splitting a symbol into base and quote.
+QUOTE_ASSETS: Final = ("FDUSD", "USDT", "USDC", "TUSD", "BUSD", "EUR", "TRY", "BTC", "ETH", "BNB")
+#: How many (venue, symbol, trade id) keys a :class:`FillBook` remembers.
+FILL_MEMORY: Final = 1_000_000
+#: symbol -> (base asset, quote asset), e.g. from the venue's exchange filters.
+Assets = Mapping[str, tuple[str, str]]
+
+
+def split_symbol(symbol: str) -> tuple[str, str]:
+    """(base, quote) of a spot symbol by its quote suffix (``BTCUSDT`` -> ``BTC``, ``USDT``);
+    ``(symbol, "")`` when no known quote asset ends it."""
+    for quote in QUOTE_ASSETS:
+        if symbol.endswith(quote) and len(symbol) > len(quote):
+            return symbol[: -len(quote)], quote
+    return symbol, ""
+
+
+def assets_of(filters: Mapping[str, SymbolFilters]) -> dict[str, tuple[str, str]]:
+    """symbol -> (base, quote) as the venue's exchange filters name them (where they do)."""
+    return {
+        s: (f.base_asset, f.quote_asset)
+        for s, f in filters.items()
+        if f.base_asset and f.quote_asset
+    }
+
+
+def base_asset(symbol: str) -> str:
+    """The base asset of a spot symbol (``BTCUSDT`` -> ``BTC``), by its quote suffix."""
+    return split_symbol(symbol)[0]
 
 
 @dataclass(slots=True)
@@ -47,6 +90,8 @@ class Position:
     #: Quote notional bought and sold (turnover).
     bought: Decimal = ZERO
     sold: Decimal = ZERO
+    #: Fees of this symbol's fills by the asset they were paid in.
+    fees_by_asset: dict[str, Decimal] = field(default_factory=dict)
 
     @property
     def avg_cost(self) -> Decimal:
@@ -80,14 +125,49 @@ class Portfolio:
         (base, quote))."""
         p = cls(quote=quote, balances={quote: cash}, start_equity=cash)
         for symbol, (base, q) in symbols.items():
-            if q != quote:
-                raise ValueError(f"{symbol}: quote {q} is not the portfolio's {quote}")
-            p.positions[symbol] = Position(symbol=symbol, base=base, quote=q)
+            p.add(symbol, base, q)
             p.balances.setdefault(base, ZERO)
         return p
 
+    def add(self, symbol: str, base: str, quote: str) -> Position:
+        """The position of ``symbol``, made empty if new. A portfolio made without a quote
+        asset takes the first symbol's; every symbol must share it (equity is in it)."""
+        pos = self.positions.get(symbol)
+        if pos is not None:
+            return pos
+        if not self.quote:
+            self.quote = quote
+        if quote != self.quote:
+            raise ValueError(f"{symbol}: quote {quote} is not the portfolio's {self.quote}")
+        pos = self.positions[symbol] = Position(symbol=symbol, base=base, quote=quote)
+        return pos
+
+    def forget(self, symbol: str) -> None:
+        """Drop ``symbol``'s position and take what its fills moved out of the balances and
+        fees (e.g. before rebuilding it from the ledger)."""
+        pos = self.positions.pop(symbol, None)
+        if pos is None:
+            return
+        b = self.balances
+        b[pos.base] = b.get(pos.base, ZERO) - pos.qty
+        b[pos.quote] = b.get(pos.quote, ZERO) - (pos.sold - pos.bought)
+        for asset, fee in pos.fees_by_asset.items():
+            if asset != pos.base:  # a base fee is already out of the quantity
+                b[asset] = b.get(asset, ZERO) + fee
+            self.fees_paid[asset] = self.fees_paid.get(asset, ZERO) - fee
+
+    def set_balances(self, balances: Mapping[str, Decimal]) -> None:
+        """The account's balances as the venue reports them (they replace the fills' flows);
+        equity is then the account's."""
+        self.balances = dict(balances)
+
     def balance(self, asset: str) -> Decimal:
         return self.balances.get(asset, ZERO)
+
+    def qty(self, symbol: str) -> Decimal:
+        """Base units held of ``symbol`` (0 when it has no position)."""
+        pos = self.positions.get(symbol)
+        return ZERO if pos is None else pos.qty
 
     def apply_fill(
         self,
@@ -120,6 +200,8 @@ class Portfolio:
         if fee:
             b[fee_asset] = b.get(fee_asset, ZERO) - fee
             self.fees_paid[fee_asset] = self.fees_paid.get(fee_asset, ZERO) + fee
+            by_asset = pos.fees_by_asset
+            by_asset[fee_asset] = by_asset.get(fee_asset, ZERO) + fee
             if fee_asset == pos.base:
                 # the fee came out of the holding: less quantity, its cost goes with it
                 avg = pos.avg_cost
@@ -129,8 +211,7 @@ class Portfolio:
                 pos.fees += fee * price
             elif fee_asset == pos.quote:
                 pos.fees += fee
-            else:
-                raise ValueError(f"{symbol}: fee in {fee_asset}, neither base nor quote")
+            # a third asset (BNB): out of its balance, not valued in the quote asset
         pos.last_price = price
 
     def mark(self, symbol: str, price: Decimal) -> None:
@@ -161,3 +242,133 @@ class Portfolio:
     def snapshot(self, symbols: Iterable[str] | None = None) -> dict[str, Decimal]:
         names = self.positions if symbols is None else symbols
         return {s: self.positions[s].qty for s in names}
+
+
+class FillRow(Protocol):
+    """One row of the ledger's ``fills`` table (an asyncpg record, or any mapping) with
+    the columns ``gridstream.common.ledger.SELECT_FILLS`` reads: venue, symbol, trade_id,
+    side, price, qty, fee and fee_asset."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+class FillBook:
+    """A :class:`Portfolio` fed by fills, each (venue, symbol, trade id) applied once.
+
+    The one position keeper of the services: risk, the strategy, the executor and
+    ``gridstream status`` each hold one, rebuilt from the ledger (:meth:`apply_rows`) and
+    moved by ``OrderFilled`` messages (:meth:`on_fill`), so a fill re-read from a stream
+    after a restart counts once. A symbol's base and quote assets come from ``assets``
+    (the venue's exchange filters), else from its name (:func:`split_symbol`).
+    """
+
+    def __init__(
+        self,
+        portfolio: Portfolio | None = None,
+        *,
+        assets: Assets | None = None,
+        memory: int = FILL_MEMORY,
+    ) -> None:
+        self.portfolio = portfolio if portfolio is not None else Portfolio(quote="")
+        self.assets: dict[str, tuple[str, str]] = {
+            s: a for s, a in (assets or {}).items() if a[0] and a[1]
+        }
+        self.memory = memory
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+    # -- queries ----------------------------------------------------------------------------
+    def qty(self, symbol: str) -> Decimal:
+        return self.portfolio.qty(symbol)
+
+    def seen(self, venue: str, symbol: str, trade_id: object) -> bool:
+        return (venue, symbol, str(trade_id)) in self._seen
+
+    # -- fills ------------------------------------------------------------------------------
+    def position(self, symbol: str) -> Position:
+        """``symbol``'s position, made (empty) with its assets if new."""
+        pos = self.portfolio.positions.get(symbol)
+        if pos is not None:
+            return pos
+        base, quote = self.assets.get(symbol) or split_symbol(symbol)
+        return self.portfolio.add(symbol, base, quote)
+
+    def apply(
+        self,
+        venue: str,
+        symbol: str,
+        trade_id: object,
+        side: Side,
+        price: Decimal,
+        qty: Decimal,
+        fee: Decimal,
+        fee_asset: str,
+    ) -> bool:
+        """Apply one trade unless this (venue, symbol, trade id) was applied; True if new."""
+        key = (venue, symbol, str(trade_id))
+        if key in self._seen:
+            return False
+        self.position(symbol)
+        self.portfolio.apply_fill(symbol, side, price, qty, fee, fee_asset)
+        self._seen[key] = None
+        if len(self._seen) > self.memory:
+            self._seen.popitem(last=False)
+        return True
+
+    def on_fill(self, fill: OrderFilled) -> bool:
+        """Apply one ``OrderFilled`` message (once); True if new."""
+        return self.apply(
+            fill.venue,
+            fill.symbol,
+            fill.trade_id,
+            fill.side,
+            fill.price,
+            fill.qty,
+            fill.fee,
+            fill.fee_asset,
+        )
+
+    def apply_rows(self, rows: Iterable[FillRow]) -> int:
+        """Apply ledger ``fills`` rows (oldest first); how many were new."""
+        n = 0
+        for r in rows:
+            n += self.apply(
+                str(r["venue"]),
+                str(r["symbol"]),
+                r["trade_id"],
+                r["side"],
+                Decimal(r["price"]),
+                Decimal(r["qty"]),
+                Decimal(r["fee"]),
+                str(r["fee_asset"]),
+            )
+        return n
+
+    def mark(self, symbol: str, price: Decimal) -> None:
+        """Mark ``symbol`` at ``price`` (e.g. the last candle's close)."""
+        self.position(symbol)
+        self.portfolio.mark(symbol, price)
+
+    def forget(self, symbol: str) -> None:
+        """Drop every state of ``symbol`` (its position and the trades it remembers)."""
+        self.portfolio.forget(symbol)
+        for key in [k for k in self._seen if k[1] == symbol]:
+            del self._seen[key]
+
+
+def book_from_fills(
+    rows: Iterable[FillRow],
+    *,
+    assets: Assets | None = None,
+    quote: str = "",
+    balances: Mapping[str, Decimal] | None = None,
+) -> FillBook:
+    """A :class:`FillBook` rebuilt from the ledger's ``fills`` rows (oldest first).
+
+    Without ``balances`` the balances are the fills' net flows (the account's cash is not
+    in the ledger); with them, the account's balances as the venue reports them.
+    """
+    book = FillBook(Portfolio(quote=quote), assets=assets)
+    book.apply_rows(rows)
+    if balances is not None:
+        book.portfolio.set_balances(balances)
+    return book

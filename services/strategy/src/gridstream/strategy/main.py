@@ -5,8 +5,9 @@ One consumer reads, for every configured symbol, ``stream(Kind.SIGNALS, sym)``,
 ``stream(Kind.EXECUTIONS, sym)``, and publishes intents to ``stream(Kind.INTENTS, sym)``.
 
 At start the engine's live orders are rebuilt from the Postgres ``orders`` table (status
-one of ``LedgerStatus.OPEN``) and its inventory from ``fills`` (each trade id
-remembered, so a fill re-read from the stream is not counted twice).
+one of ``LedgerStatus.OPEN``) and its inventory, the kernel's portfolio, from ``fills``
+(``SELECT_FILLS``; each (venue, symbol, trade id) remembered, so a fill re-read from the
+stream is not counted twice).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import msgspec
 from gridstream.common.binance.filters import SymbolFilters
 from gridstream.common.binance.market import fetch_symbol_filters
 from gridstream.common.bus import Delivery, Outgoing
-from gridstream.common.ledger import LedgerStatus
+from gridstream.common.ledger import SELECT_FILLS, LedgerStatus
 from gridstream.common.messages import Signal
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.settings import CommonSettings
 from gridstream.common.streams import Kind, Service, stream, streams
+from gridstream.core.portfolio import assets_of
 from gridstream.core.strategies.grid import GridEngine, GridParams, LiveOrder, parse_level, restore
 
 log = logging.getLogger("gridstream.strategy")
@@ -120,7 +122,7 @@ class StrategyService:
         self, settings: StrategySettings, filters: Mapping[str, SymbolFilters] | None = None
     ) -> None:
         self.settings = settings
-        self.engine = GridEngine(settings.params(filters))
+        self.engine = GridEngine(settings.params(filters), assets=assets_of(filters or {}))
 
     def input_streams(self) -> list[str]:
         s = self.settings.symbols
@@ -155,11 +157,7 @@ class StrategyService:
             symbols,
             list(OPEN_STATUSES),
         )
-        fill_rows = await pool.fetch(
-            "SELECT symbol, trade_id, side, qty, fee, fee_asset FROM fills"
-            " WHERE symbol = ANY($1::text[]) ORDER BY ts_event",
-            symbols,
-        )
+        fill_rows = await pool.fetch(SELECT_FILLS, symbols)
         orders = []
         for r in order_rows:
             parsed = parse_level(r["client_order_id"])
@@ -175,22 +173,11 @@ class StrategyService:
                     accepted=True,
                 )
             )
-        fills = [
-            (
-                r["symbol"],
-                str(r["trade_id"]),
-                r["side"],
-                Decimal(r["qty"]),
-                Decimal(r["fee"]),
-                r["fee_asset"],
-            )
-            for r in fill_rows
-        ]
-        restore(self.engine, orders, fills)
+        restore(self.engine, orders, fill_rows)
         summary: dict[str, object] = {
             "orders": len(orders),
-            "fills": len(fills),
-            "inventory": {k: str(v) for k, v in self.engine.inventory.items()},
+            "fills": len(fill_rows),
+            "inventory": {k: str(v) for k, v in self.engine.inventory.items() if k in symbols},
         }
         log.info("restored from the ledger: %s", summary)
         return summary

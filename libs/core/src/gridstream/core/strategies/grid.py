@@ -19,9 +19,10 @@ first. ``high_volatility`` cancels every live order and places nothing; ``warmup
 
 Order state comes from events: ``OrderRejected`` (risk) and ``OrderFailed`` (venue) undo a
 place or a cancel request, ``OrderCanceled`` and a fill reaching the order quantity end an
-order, ``OrderFilled`` moves the inventory (each trade counted once; a fee paid in the base
-asset is deducted). Ids are deterministic: processing the same signal twice returns the very
-same intents, so a redelivered signal can never double an order.
+order, ``OrderFilled`` moves the inventory: the engine's :class:`FillBook` (the kernel's
+portfolio, each trade counted once; a fee paid in the base asset reduces the position).
+Ids are deterministic: processing the same signal twice returns the very same intents, so
+a redelivered signal can never double an order.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
 from typing import Final
@@ -48,27 +49,20 @@ from gridstream.common.messages import (
     Signal,
     deterministic_id,
 )
+from gridstream.core.portfolio import QUOTE_ASSETS as QUOTE_ASSETS
+from gridstream.core.portfolio import Assets, FillBook, FillRow
+from gridstream.core.portfolio import base_asset as base_asset
 
 #: Prefix of every client order id the grid strategy makes.
 CLIENT_ID_PREFIX: Final = "gs-"
 #: Binance's rule for client order ids.
 CLIENT_ID_RE: Final = re.compile(r"^[a-zA-Z0-9-_]{1,36}$")
 STRATEGY_NAME: Final = "grid"
-#: Quote assets recognised when splitting a symbol into base and quote.
-QUOTE_ASSETS: Final = ("FDUSD", "USDT", "USDC", "TUSD", "BUSD", "EUR", "TRY", "BTC", "ETH", "BNB")
 _SIDE_CODE: Final[dict[str, str]] = {"BUY": "b", "SELL": "s"}
 _CODE_SIDE: Final[dict[str, Side]] = {"b": "BUY", "s": "SELL"}
 _BPS: Final = Decimal(10_000)
 _MAX_SYMBOL_CODE: Final = 16
 _RECENT: Final = 100_000
-
-
-def base_asset(symbol: str) -> str:
-    """The base asset of a spot symbol (``BTCUSDT`` -> ``BTC``), by its quote suffix."""
-    for quote in QUOTE_ASSETS:
-        if symbol.endswith(quote) and len(symbol) > len(quote):
-            return symbol[: -len(quote)]
-    return symbol
 
 
 def to_base36(n: int) -> str:
@@ -190,10 +184,6 @@ class _Recent:
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
-    def discard_where(self, predicate: Callable[[object], bool]) -> None:
-        for key in [k for k in self._keys if predicate(k)]:
-            del self._keys[key]
-
     def add(self, key: object) -> None:
         self._keys[key] = None
         self._keys.move_to_end(key)
@@ -208,11 +198,11 @@ class GridEngine:
     #: It decides on signals: a driver runs the signal engine in front of it.
     wants_signals = True
 
-    def __init__(self, params: GridParams | None = None) -> None:
+    def __init__(self, params: GridParams | None = None, *, assets: Assets | None = None) -> None:
         self.params = params or GridParams()
         self.orders: dict[str, dict[str, LiveOrder]] = {}
-        self.inventory: dict[str, Decimal] = {}
-        self._trades = _Recent()
+        #: The inventory: positions from fills (``assets``: symbol -> (base, quote)).
+        self.book = FillBook(assets=assets)
         self._closed = _Recent()
         self._last: dict[str, tuple[int, list[OrderIntent]]] = {}
 
@@ -225,26 +215,16 @@ class GridEngine:
         if order.client_order_id not in self._closed:
             self.orders.setdefault(order.symbol, {})[order.client_order_id] = order
 
-    def apply_fill(
-        self, symbol: str, trade_id: str, side: Side, qty: Decimal, fee: Decimal, fee_asset: str
-    ) -> bool:
-        """Move the inventory by one trade, once per (symbol, trade id); False if seen."""
-        key = (symbol, trade_id)
-        if key in self._trades:
-            return False
-        self._trades.add(key)
-        delta = qty if side == "BUY" else -qty
-        if fee_asset == base_asset(symbol):
-            delta -= fee
-        self.inventory[symbol] = self.inventory.get(symbol, Decimal(0)) + delta
-        return True
+    @property
+    def inventory(self) -> dict[str, Decimal]:
+        """Base units held per symbol (from the book)."""
+        return {s: p.qty for s, p in self.book.portfolio.positions.items()}
 
     def forget(self, symbol: str) -> None:
         """Drop every state of ``symbol`` (another replica handles it now)."""
         self.orders.pop(symbol, None)
-        self.inventory.pop(symbol, None)
+        self.book.forget(symbol)
         self._last.pop(symbol, None)
-        self._trades.discard_where(lambda k: isinstance(k, tuple) and k[0] == symbol)
 
     def _close(self, symbol: str, coid: str) -> None:
         self._closed.add(coid)
@@ -295,7 +275,7 @@ class GridEngine:
         )
 
     def on_filled(self, msg: OrderFilled) -> None:
-        if not self.apply_fill(msg.symbol, msg.trade_id, msg.side, msg.qty, msg.fee, msg.fee_asset):
+        if not self.book.on_fill(msg):
             return
         order = self.orders.get(msg.symbol, {}).get(msg.client_order_id)
         if order is None:
@@ -320,7 +300,7 @@ class GridEngine:
         )
         spacing = round_to(raw, tick, ROUND_CEILING)
         levels: list[Level] = []
-        available = max(self.inventory.get(symbol, Decimal(0)), Decimal(0))
+        available = max(self.book.qty(symbol), Decimal(0))
         selling = Decimal(0)
         sells_open = True
         for i in range(1, p.levels + 1):
@@ -422,16 +402,12 @@ class GridEngine:
         )
 
 
-def restore(
-    engine: GridEngine,
-    orders: Iterable[LiveOrder],
-    fills: Iterable[tuple[str, str, Side, Decimal, Decimal, str]],
-) -> None:
+def restore(engine: GridEngine, orders: Iterable[LiveOrder], fills: Iterable[FillRow]) -> None:
     """Rebuild an engine's live orders and inventory (e.g. from the ledger) at start.
 
-    ``fills`` are ``(symbol, trade_id, side, qty, fee, fee_asset)``.
+    ``fills`` are ledger ``fills`` rows (``gridstream.common.ledger.SELECT_FILLS``), oldest
+    first, applied to the engine's book (each trade once).
     """
-    for f in fills:
-        engine.apply_fill(*f)
+    engine.book.apply_rows(fills)
     for o in orders:
         engine.restore_order(o)
