@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import re
@@ -16,8 +15,6 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
-KLINES = REPO / "data" / "klines"
 METRIC_KEYS = {
     "total_return",
     "cagr",
@@ -38,17 +35,6 @@ METRIC_KEYS = {
 }
 
 
-def slice_file(symbol: str, days: int, dest: Path) -> Path:
-    """The first ``days`` days of a real 1m file, as a CSV of the same layout."""
-    out = dest / f"{symbol}-1m.csv"
-    with gzip.open(KLINES / f"{symbol}-1m.csv.gz", "rt") as src, out.open("w") as dst:
-        for n, line in enumerate(src):
-            if n > days * 1440:
-                break
-            dst.write(line)
-    return out
-
-
 def backtest(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GS_")}
     return subprocess.run(
@@ -67,8 +53,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_grid_on_two_symbols_writes_every_output(tmp_path):
-    files = [str(slice_file(s, 3, tmp_path)) for s in ("BTCUSDT", "ETHUSDT")]
+def test_grid_on_two_symbols_writes_every_output(tmp_path, slice_file):
+    files = [str(slice_file(s, 3)) for s in ("BTCUSDT", "ETHUSDT")]
     out = tmp_path / "out"
     run = backtest("--strategy", "grid", "--candles", *files, "--out", str(out), "--cash", "700")
     assert run.returncode == 0, run.stderr
@@ -108,8 +94,8 @@ def test_grid_on_two_symbols_writes_every_output(tmp_path):
     assert html.count('class="plot"') == 4  # equity, drawdown, one price plot per symbol
 
 
-def test_parquet_and_csv_give_the_same_backtest(tmp_path):
-    csv_file = slice_file("SOLUSDT", 2, tmp_path)
+def test_parquet_and_csv_give_the_same_backtest(tmp_path, slice_file):
+    csv_file = slice_file("SOLUSDT", 2)
     pq = tmp_path / "sol.parquet"
     df = pl.read_csv(csv_file, infer_schema_length=0).select(
         pl.lit("SOLUSDT").alias("symbol"),
@@ -129,8 +115,8 @@ def test_parquet_and_csv_give_the_same_backtest(tmp_path):
     assert len(read_csv(a / "fills.csv")) > 10
 
 
-def test_settings_config_and_flags(tmp_path):
-    f = str(slice_file("BTCUSDT", 2, tmp_path))
+def test_settings_config_and_flags(tmp_path, slice_file):
+    f = str(slice_file("BTCUSDT", 2))
     cfg = tmp_path / "bt.toml"
     cfg.write_text(
         "[strategy]\nfast = 5\nslow = 20\nqty = '0.002'\n"
@@ -173,8 +159,8 @@ def test_settings_config_and_flags(tmp_path):
         (["--cash", "lots"], r"--cash 'lots'"),
     ],
 )
-def test_bad_settings_are_named(tmp_path, args, message):
-    f = str(slice_file("BTCUSDT", 1, tmp_path))
+def test_bad_settings_are_named(tmp_path, slice_file, args, message):
+    f = str(slice_file("BTCUSDT", 1))
     run = backtest("--strategy", "sma-cross", "--candles", f, "--out", str(tmp_path / "o"), *args)
     assert run.returncode == 2
     assert re.search(message, run.stderr), run.stderr
@@ -202,13 +188,13 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_report_draws_every_plot_in_headless_chromium(tmp_path):
+def test_report_draws_every_plot_in_headless_chromium(tmp_path, slice_file):
     browser = chromium()
     if browser is None:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("chromium is not installed (.ci/run installs Debian's chromium)")
         pytest.skip("chromium not installed (Debian: apt-get install chromium)")
-    files = [str(slice_file(s, 2, tmp_path)) for s in ("BTCUSDT", "XRPUSDT")]
+    files = [str(slice_file(s, 2)) for s in ("BTCUSDT", "XRPUSDT")]
     out = tmp_path / "out"
     assert backtest("--strategy", "grid", "--candles", *files, "--out", str(out)).returncode == 0
     page = (out / "report.html").resolve().as_uri()

@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[3]
-
-
-def slice_file(symbol: str, days: float, dest: Path) -> Path:
-    out = dest / f"{symbol}-1m.csv"
-    with (
-        gzip.open(REPO / "data" / "klines" / f"{symbol}-1m.csv.gz", "rt") as src,
-        out.open("w") as dst,
-    ):
-        for n, line in enumerate(src):
-            if n > days * 1440:
-                break
-            dst.write(line)
-    return out
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,8 +23,8 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_sweep_ranks_every_combination_with_the_backtests_own_figures(tmp_path):
-    f = str(slice_file("ETHUSDT", 3, tmp_path))
+def test_sweep_ranks_every_combination_with_the_backtests_own_figures(tmp_path, slice_file):
+    f = str(slice_file("ETHUSDT", 3))
     out = tmp_path / "sweep.csv"
     run = cli(
         "sweep",
@@ -98,8 +81,8 @@ def test_sweep_ranks_every_combination_with_the_backtests_own_figures(tmp_path):
     assert int(best["round_trips"]) == metrics["round_trips"]
 
 
-def test_sweep_refuses_a_bad_grid_before_starting(tmp_path):
-    f = str(slice_file("ETHUSDT", 1, tmp_path))
+def test_sweep_refuses_a_bad_grid_before_starting(tmp_path, slice_file):
+    f = str(slice_file("ETHUSDT", 1))
     run = cli("sweep", "--strategy", "sma-cross", "--candles", f, "--grid", "fsat=1,2")
     assert run.returncode == 2 and "unknown setting 'fsat'" in run.stderr
     run = cli("sweep", "--strategy", "sma-cross", "--candles", f, "--grid", "fast")
@@ -110,8 +93,8 @@ def test_sweep_refuses_a_bad_grid_before_starting(tmp_path):
     assert run.returncode == 2 and "--sort 'sharp': not a metric" in run.stderr
 
 
-def test_walkforward_fits_each_window_and_judges_the_next(tmp_path):
-    f = str(slice_file("BTCUSDT", 4, tmp_path))
+def test_walkforward_fits_each_window_and_judges_the_next(tmp_path, slice_file):
+    f = str(slice_file("BTCUSDT", 4))
     run = cli(
         "walkforward",
         "--strategy",
