@@ -57,7 +57,13 @@ from gridstream.core.backtest import (
     FillSettings,
 )
 from gridstream.core.signals.engine import SignalEngine
-from gridstream.core.strategies import STRATEGIES, Strategy, StrategySettingsError, make
+from gridstream.core.strategies import (
+    STRATEGIES,
+    Strategy,
+    StrategySettingsError,
+    make,
+    with_interval,
+)
 from gridstream.core.strategies.grid import QUOTE_ASSETS, base_asset
 
 DB_PREFIX: Final = "db:"
@@ -418,15 +424,6 @@ def table(metrics: Mapping[str, Any]) -> str:
 
 
 # -- the command ---------------------------------------------------------------------------
-def with_interval(strategy: str, settings: Mapping[str, str], interval: str) -> dict[str, str]:
-    """A strategy with an ``interval`` setting trades the candles' interval unless told."""
-    out = dict(settings)
-    spec = STRATEGIES.get(strategy)
-    if spec is not None and "interval" in spec.defaults() and "interval" not in out:
-        out["interval"] = interval
-    return out
-
-
 def simulate(
     strat: Strategy,
     series: Mapping[str, Bars],

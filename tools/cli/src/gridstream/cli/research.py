@@ -31,9 +31,9 @@ from typing import Any, Final
 
 from gridstream.core import performance
 from gridstream.core.backtest import Bars, FillSettings
-from gridstream.core.strategies import StrategySettingsError, make
+from gridstream.core.strategies import StrategySettingsError, make, with_interval
 
-from .backtest import BacktestError, load_candles, simulate, with_interval
+from .backtest import BacktestError, load_candles, simulate
 
 DAY_MS: Final = 86_400_000
 #: Metrics where a smaller value is the better one.

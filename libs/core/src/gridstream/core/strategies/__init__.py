@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from gridstream.core.strategies.base import Strategy, StrategySettingsError, StrategySpec
@@ -34,4 +35,21 @@ def make(name: str, settings: dict[str, str] | None = None) -> Strategy:
     return spec.make(settings or {})
 
 
-__all__ = ["STRATEGIES", "Strategy", "StrategySettingsError", "StrategySpec", "make"]
+def with_interval(name: str, settings: Mapping[str, str], interval: str) -> dict[str, str]:
+    """``settings`` for candles of ``interval``: a strategy with an ``interval`` setting
+    trades the candles' interval unless the settings name one."""
+    out = dict(settings)
+    spec = STRATEGIES.get(name)
+    if spec is not None and "interval" in spec.defaults() and "interval" not in out:
+        out["interval"] = interval
+    return out
+
+
+__all__ = [
+    "STRATEGIES",
+    "Strategy",
+    "StrategySettingsError",
+    "StrategySpec",
+    "make",
+    "with_interval",
+]
