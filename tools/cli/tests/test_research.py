@@ -91,6 +91,8 @@ def test_sweep_refuses_a_bad_grid_before_starting(tmp_path, slice_file):
         "sweep", "--strategy", "sma-cross", "--candles", f, "--grid", "fast=5", "--sort", "sharp"
     )
     assert run.returncode == 2 and "--sort 'sharp': not a metric" in run.stderr
+    run = cli("sweep", "--strategy", "sma-cross", "--candles", f, "--grid", "fast=5", "--jobs", "0")
+    assert run.returncode == 2 and "--jobs 0: at least 1" in run.stderr
 
 
 def test_walkforward_fits_each_window_and_judges_the_next(tmp_path, slice_file):

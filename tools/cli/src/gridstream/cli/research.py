@@ -7,7 +7,8 @@
 runs one backtest per combination of the ``--grid`` values (each over the same candles,
 loaded once per worker process), on ``--jobs`` processes (default: every core), with a
 progress bar, and prints the results sorted by ``--sort`` (default ``sharpe``; metrics
-where lower is better, ``max_drawdown`` and ``max_drawdown_duration_ms``, sort upward).
+where lower is better, ``max_drawdown``, ``max_drawdown_duration_ms`` and ``fees``, sort
+upward). ``--jobs 1`` runs every backtest in this one process.
 
     gridstream walkforward ... --train-days 14 --test-days 7 [--step-days 7]
 
@@ -192,6 +193,13 @@ def check_sort(sort: str) -> None:
         raise BacktestError(f"--sort {sort!r}: not a metric (one of {', '.join(sorted(SORTABLE))})")
 
 
+def worker_count(jobs: int | None, runs: int) -> int:
+    """``--jobs`` (default: every core), never more than there are runs."""
+    if jobs is not None and jobs < 1:
+        raise BacktestError(f"--jobs {jobs}: at least 1")
+    return max(1, min(jobs or os.cpu_count() or 1, runs))
+
+
 def sweep(
     *,
     strategy: str,
@@ -211,14 +219,14 @@ def sweep(
             make(strategy, c)
         except StrategySettingsError as exc:
             raise BacktestError(str(exc)) from None
-    workers = jobs or os.cpu_count() or 1
+    workers = worker_count(jobs, len(combos))
     rows = run_jobs(
         [Job(strategy, c) for c in combos],
         candles,
         database_url=database_url,
         fill=fill,
         cash=cash,
-        workers=min(workers, len(combos)),
+        workers=workers,
     )
     return sorted(rows, key=_key(sort))
 
@@ -265,7 +273,7 @@ def walkforward(
     plan = folds(series, train_ms, test_ms, step_ms)
     if not plan:
         raise BacktestError("the candles are shorter than one training plus one test window")
-    workers = min(jobs or os.cpu_count() or 1, len(combos) * len(plan))
+    workers = worker_count(jobs, len(combos) * len(plan))
     train_jobs = [Job(strategy, c, a, b) for a, b, _e in plan for c in combos]
     trained = run_jobs(
         train_jobs, candles, database_url=database_url, fill=fill, cash=cash, workers=workers
