@@ -29,17 +29,29 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 KLINES = REPO / "data" / "klines"
+#: Where the repo has no file of an interval (15m, 1h, ...): the shared data beside it.
+SHARED_KLINES = REPO.parent / "shared" / "data" / "klines"
 PAIRS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "BNBUSDT")
 
 
-def tiled_csv(symbol: str, rows: int, dest: Path) -> Path:
-    """``rows`` 1m candles of ``symbol``: its real file repeated, times shifted."""
-    with gzip.open(KLINES / f"{symbol}-1m.csv.gz", "rt") as fh:
+def klines_file(symbol: str, interval: str) -> Path:
+    """The real ``symbol`` candles of ``interval``: data/klines, else ../shared/data/klines."""
+    for d in (KLINES, SHARED_KLINES):
+        path = d / f"{symbol}-{interval}.csv.gz"
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no {symbol}-{interval}.csv.gz in {KLINES} or {SHARED_KLINES}")
+
+
+def tiled_csv(symbol: str, rows: int, dest: Path, interval: str = "1m") -> Path:
+    """``rows`` ``interval`` candles of ``symbol``: its real file repeated, times shifted."""
+    with gzip.open(klines_file(symbol, interval), "rt") as fh:
         header = next(fh)
         lines = [line.rstrip("\n").split(",") for line in fh]
     first = int(lines[0][0])
-    span = int(lines[-1][0]) - first + 60_000
-    out = dest / f"{symbol}-1m.csv"
+    step = int(lines[0][6]) - first + 1  # close time is open time + interval - 1 ms
+    span = int(lines[-1][0]) - first + step
+    out = dest / f"{symbol}-{interval}.csv"
     with out.open("w") as fh:
         fh.write(header)
         n = 0
@@ -49,7 +61,7 @@ def tiled_csv(symbol: str, rows: int, dest: Path) -> Path:
                 if n >= rows:
                     break
                 t = int(f[0]) + rep * span
-                fh.write(f"{t},{f[1]},{f[2]},{f[3]},{f[4]},{f[5]},{t + 59_999},,,,\n")
+                fh.write(f"{t},{f[1]},{f[2]},{f[3]},{f[4]},{f[5]},{t + step - 1},,,,\n")
                 n += 1
             rep += 1
     return out
