@@ -21,6 +21,7 @@ from gridstream.common.messages import (
     OrderRejected,
     Side,
 )
+from gridstream.core.portfolio import FillBook, book_from_fills
 from gridstream.core.risk import OpenOrder, Reasons, RiskEngine, verdict_id
 
 _ids = count(1)
@@ -71,7 +72,16 @@ def intent(
     )
 
 
-def fill(coid: str, side: Side, qty: str, price: str = "70000", trade_id: int = 1) -> OrderFilled:
+def fill(
+    coid: str,
+    side: Side,
+    qty: str,
+    price: str = "70000",
+    trade_id: int = 1,
+    *,
+    fee: str = "0",
+    fee_asset: str = "BNB",
+) -> OrderFilled:
     return OrderFilled(
         id=f"simulator:BTCUSDT:trade:{trade_id}",
         ts_event=1,
@@ -83,8 +93,8 @@ def fill(coid: str, side: Side, qty: str, price: str = "70000", trade_id: int = 
         side=side,
         price=D(price),
         qty=D(qty),
-        fee=D("0"),
-        fee_asset="BNB",
+        fee=D(fee),
+        fee_asset=fee_asset,
         liquidity="maker",
         venue="simulator",
     )
@@ -169,6 +179,21 @@ def test_sells_limited_to_position_minus_open_sells() -> None:
     e.on_execution(fill("s1", "SELL", "0.002", trade_id=2))
     assert e.position("BTCUSDT") == D("0.001")
     assert "s1" not in e.open_orders
+
+
+def test_a_fee_in_the_base_asset_reduces_what_risk_lets_you_sell() -> None:
+    e = engine()
+    # bought 0.003 BTC, the venue kept 0.000003 BTC of it as the fee: 0.002997 held
+    e.on_execution(fill("x", "BUY", "0.003", fee="0.000003", fee_asset="BTC"))
+    assert e.position("BTCUSDT") == D("0.002997")
+    assert rejected_reason(e.on_intent(intent("SELL", qty="0.003", coid="s1"))) == (
+        "INSUFFICIENT_POSITION"
+    )
+    assert isinstance(e.on_intent(intent("SELL", qty="0.00299", coid="s2")), OrderApproved)
+    # a fee in the quote asset (or BNB) leaves the quantity alone
+    e.on_execution(fill("y", "BUY", "0.001", trade_id=2, fee="0.07", fee_asset="USDT"))
+    e.on_execution(fill("z", "BUY", "0.001", trade_id=3, fee="0.0001", fee_asset="BNB"))
+    assert e.position("BTCUSDT") == D("0.004997")
 
 
 def test_same_intent_twice_gives_same_verdict_and_counts_once() -> None:
@@ -258,8 +283,19 @@ def test_executions_update_open_orders() -> None:
 def test_restore_from_ledger_state() -> None:
     e = engine()
     f = fill("old", "BUY", "0.002", trade_id=5)
+    row = {
+        "venue": "simulator",
+        "symbol": "BTCUSDT",
+        "trade_id": "5",
+        "side": "BUY",
+        "price": D("70000"),
+        "qty": D("0.002"),
+        "fee": D("0"),
+        "fee_asset": "BNB",
+    }
     e.restore(
-        {"BTCUSDT": D("0.002")}, {"o1": OpenOrder("BTCUSDT", "BUY", D("70000"), D("0.001"))}, [f.id]
+        book_from_fills([row], assets=e.assets),
+        {"o1": OpenOrder("BTCUSDT", "BUY", D("70000"), D("0.001"))},
     )
     e.on_execution(f)  # already in the ledger: not counted again
     assert e.position("BTCUSDT") == D("0.002")
@@ -355,7 +391,7 @@ def test_restore_closed_orders_and_verdicts() -> None:
     e = engine()
     it = intent(price="50000", qty="0.002", coid="r1")
     first = engine().on_intent(it)
-    e.restore({}, {}, closed=["done-1"], verdicts=[first])
+    e.restore(FillBook(), {}, closed=["done-1"], verdicts=[first])
     e.on_execution(accepted("done-1", "0.002"))  # filled before the restart: stays closed
     assert e.open_orders == {}
     assert e.on_intent(it) == first  # the same verdict, not judged again

@@ -15,7 +15,11 @@ A ``cancel`` is approved when the order is known (open), else rejected ``UNKNOWN
 
 Idempotent: the verdict for an intent id is remembered, so an intent seen twice
 yields the very same verdict (same deterministic id) and counts exposure once.
-Fills are applied once per message id (``venue:symbol:trade:<id>``).
+
+Positions are the kernel's portfolio (:class:`~gridstream.core.portfolio.FillBook`): each
+fill is applied once per (venue, symbol, trade id), and a fee paid in the base asset
+reduces the position, as it does the account on Binance, so risk never approves a sell
+of what the fees took.
 
 Closed orders stay closed: the client order ids of orders that filled, were canceled
 or failed (and of rejected places) are remembered (bounded), and an ``OrderAccepted``
@@ -48,11 +52,11 @@ from gridstream.common.messages import (
     Side,
     deterministic_id,
 )
+from gridstream.core.portfolio import FillBook, assets_of
 
 ZERO: Final = Decimal(0)
 DEFAULT_MAX_EXPOSURE_QUOTE: Final = Decimal(250)
 VERDICT_MEMORY: Final = 100_000
-FILL_MEMORY: Final = 1_000_000
 #: How many closed client order ids (and per-order filled quantities) are remembered.
 CLOSED_MEMORY: Final = 100_000
 
@@ -119,32 +123,40 @@ class RiskEngine:
         self.max_exposure_quote = max_exposure_quote
         #: The order types the venue path behind this engine can place.
         self.order_types: frozenset[str] = frozenset(order_types)
-        self.positions: dict[str, Decimal] = {}
+        #: Positions: the kernel's portfolio, fed by fills (each trade once).
+        self.book = FillBook(assets=self.assets)
         self.open_orders: dict[str, OpenOrder] = {}
         self._verdicts: OrderedDict[str, Verdict] = OrderedDict()
-        self._fills_seen: OrderedDict[str, None] = OrderedDict()
         #: client order id -> why it is closed (:class:`Closed`), oldest first, bounded.
         self.closed: OrderedDict[str, str] = OrderedDict()
         #: client order id -> quantity filled so far, for orders not (yet) known open.
         self._filled: OrderedDict[str, Decimal] = OrderedDict()
 
+    @property
+    def assets(self) -> dict[str, tuple[str, str]]:
+        """symbol -> (base, quote), as the filters name them."""
+        return assets_of(self.filters)
+
+    @property
+    def positions(self) -> dict[str, Decimal]:
+        """Base units held per symbol (non-zero ones), from the book."""
+        return {s: p.qty for s, p in self.book.portfolio.positions.items() if p.qty}
+
     # -- state restore ----------------------------------------------------------------------
     def restore(
         self,
-        positions: Mapping[str, Decimal],
+        book: FillBook,
         open_orders: Mapping[str, OpenOrder],
-        fill_ids: Iterable[str] = (),
         *,
         closed: Iterable[str] = (),
         verdicts: Iterable[Verdict] = (),
     ) -> None:
-        """Load state rebuilt from the ledger: positions, open orders (placed or only
-        approved), fills already counted, closed orders and earlier verdicts (oldest
-        first)."""
-        self.positions = {s: q for s, q in positions.items() if q != 0}
+        """Load state rebuilt from the ledger: the book of its fills
+        (:func:`~gridstream.core.portfolio.book_from_fills`, which also knows the fills
+        already counted), open orders (placed or only approved), closed orders and earlier
+        verdicts (oldest first)."""
+        self.book = book
         self.open_orders = dict(open_orders)
-        for fid in fill_ids:
-            self._remember_fill(fid)
         for coid in closed:
             if coid not in self.open_orders:
                 self._close(coid, Closed.LEDGER)
@@ -165,7 +177,7 @@ class RiskEngine:
 
     # -- queries ----------------------------------------------------------------------------
     def position(self, symbol: str) -> Decimal:
-        return self.positions.get(symbol, ZERO)
+        return self.book.qty(symbol)
 
     def open_notional(self, symbol: str, side: Side) -> Decimal:
         return sum(
@@ -327,23 +339,9 @@ class RiskEngine:
         self.closed.pop(coid, None)
         self.open_orders[coid] = OpenOrder(msg.symbol, msg.side, msg.price, remaining)
 
-    def _remember_fill(self, fill_id: str) -> bool:
-        if fill_id in self._fills_seen:
-            return False
-        self._fills_seen[fill_id] = None
-        if len(self._fills_seen) > FILL_MEMORY:
-            self._fills_seen.popitem(last=False)
-        return True
-
     def _on_fill(self, fill: OrderFilled) -> None:
-        if not self._remember_fill(fill.id):
+        if not self.book.on_fill(fill):
             return
-        signed = fill.qty if fill.side == "BUY" else -fill.qty
-        pos = self.position(fill.symbol) + signed
-        if pos == 0:
-            self.positions.pop(fill.symbol, None)
-        else:
-            self.positions[fill.symbol] = pos
         coid = fill.client_order_id
         order = self.open_orders.get(coid)
         if order is not None:

@@ -13,9 +13,8 @@ import asyncpg
 from gridstream.common import metrics
 from gridstream.common.binance.filters import SymbolFilters
 from gridstream.common.binance.market import fetch_symbol_filters
-from gridstream.common.binance.trading import fill_id
 from gridstream.common.bus import Delivery, Handler, Outgoing
-from gridstream.common.ledger import LedgerStatus, RiskVerdict
+from gridstream.common.ledger import SELECT_FILLS, LedgerStatus, RiskVerdict
 from gridstream.common.messages import (
     Actions,
     OrderAccepted,
@@ -28,6 +27,7 @@ from gridstream.common.messages import (
 )
 from gridstream.common.runtime import Runtime, load_or_exit, run_service
 from gridstream.common.streams import Kind, Service, stream, streams
+from gridstream.core.portfolio import book_from_fills
 from gridstream.core.risk import (
     CLOSED_MEMORY,
     VERDICT_MEMORY,
@@ -67,7 +67,9 @@ TERMINAL = (LedgerStatus.FILLED, LedgerStatus.CANCELED, LedgerStatus.FAILED)
 async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[str]) -> None:
     """Rebuild risk's state out of the ledger.
 
-    * positions from fills (and the fill ids, so a late publish counts once);
+    * positions: the kernel's portfolio rebuilt from the ledger's fills
+      (:func:`~gridstream.core.portfolio.book_from_fills`; it remembers each trade, so a
+      late publish counts once, and a fee in the base asset reduces the position);
     * open orders: every order the ledger has open, *and* every approved place whose
       order has no terminal state yet, including one the executor has not placed (no
       ``orders`` row): approvals still in ``gs:orders`` count, so a restart cannot
@@ -76,11 +78,7 @@ async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[s
     """
     syms = [s.upper() for s in symbols]
     async with pool.acquire() as conn:
-        pos_rows = await conn.fetch(
-            "SELECT symbol, SUM(CASE WHEN side = 'BUY' THEN qty ELSE -qty END) AS pos"
-            " FROM fills WHERE symbol = ANY($1::text[]) GROUP BY symbol",
-            syms,
-        )
+        fill_rows = await conn.fetch(SELECT_FILLS, syms)
         approved_rows = await conn.fetch(
             "SELECT DISTINCT ON (v.client_order_id) v.client_order_id, v.symbol, v.side,"
             " v.price, v.qty - COALESCE(o.filled_qty, 0) AS remaining"
@@ -99,9 +97,6 @@ async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[s
             syms,
             list(LedgerStatus.OPEN),
         )
-        fill_rows = await conn.fetch(
-            "SELECT venue, symbol, trade_id FROM fills WHERE symbol = ANY($1::text[])", syms
-        )
         closed_rows = await conn.fetch(
             "SELECT client_order_id FROM orders WHERE symbol = ANY($1::text[])"
             " AND status = ANY($2::text[]) ORDER BY ts_updated DESC LIMIT $3",
@@ -115,7 +110,7 @@ async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[s
             syms,
             VERDICT_MEMORY,
         )
-    positions = {r["symbol"]: Decimal(r["pos"]) for r in pos_rows}
+    book = book_from_fills(fill_rows, assets=engine.assets)
     open_orders = {
         r["client_order_id"]: OpenOrder(
             r["symbol"], r["side"], Decimal(r["price"]), Decimal(r["remaining"])
@@ -124,15 +119,14 @@ async def load_state(pool: asyncpg.Pool, engine: RiskEngine, symbols: Sequence[s
         if Decimal(r["remaining"]) > 0
     }
     engine.restore(
-        positions,
+        book,
         open_orders,
-        (fill_id(r["venue"], r["symbol"], r["trade_id"]) for r in fill_rows),
         closed=[r["client_order_id"] for r in reversed(closed_rows)],
         verdicts=[_verdict_of(r) for r in reversed(verdict_rows)],
     )
     log.info(
         "state restored: positions=%s open_orders=%d (approved, not yet placed: %d)",
-        positions,
+        engine.positions,
         len(open_orders),
         len(
             {r["client_order_id"] for r in approved_rows}
