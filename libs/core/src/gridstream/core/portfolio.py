@@ -268,12 +268,16 @@ class FillBook:
         *,
         assets: Assets | None = None,
         memory: int = FILL_MEMORY,
+        cash_known: bool = False,
     ) -> None:
         self.portfolio = portfolio if portfolio is not None else Portfolio(quote="")
         self.assets: dict[str, tuple[str, str]] = {
             s: a for s, a in (assets or {}).items() if a[0] and a[1]
         }
         self.memory = memory
+        #: True when the balances are the account's (its cash given or its balances set),
+        #: not only the fills' net flows: equity then means the account's equity.
+        self.cash_known = cash_known
         self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
 
     # -- queries ----------------------------------------------------------------------------
@@ -348,6 +352,11 @@ class FillBook:
         self.position(symbol)
         self.portfolio.mark(symbol, price)
 
+    def set_balances(self, balances: Mapping[str, Decimal]) -> None:
+        """The account's balances, where the venue reports them (equity is then known)."""
+        self.portfolio.set_balances(balances)
+        self.cash_known = True
+
     def forget(self, symbol: str) -> None:
         """Drop every state of ``symbol`` (its position and the trades it remembers)."""
         self.portfolio.forget(symbol)
@@ -360,15 +369,22 @@ def book_from_fills(
     *,
     assets: Assets | None = None,
     quote: str = "",
+    cash: Decimal | None = None,
     balances: Mapping[str, Decimal] | None = None,
 ) -> FillBook:
     """A :class:`FillBook` rebuilt from the ledger's ``fills`` rows (oldest first).
 
-    Without ``balances`` the balances are the fills' net flows (the account's cash is not
-    in the ledger); with them, the account's balances as the venue reports them.
+    The account's cash is not in the ledger: without ``cash`` (the quote balance before
+    the first fill) or ``balances`` (the account's balances now, as the venue reports
+    them) the balances are the fills' net flows, and only positions and PnL mean much.
     """
-    book = FillBook(Portfolio(quote=quote), assets=assets)
+    if cash is not None and not quote:
+        raise ValueError("cash needs its quote asset")
+    portfolio = Portfolio(quote=quote)
+    if cash is not None:
+        portfolio = Portfolio.start(quote, cash, {})
+    book = FillBook(portfolio, assets=assets, cash_known=cash is not None)
     book.apply_rows(rows)
     if balances is not None:
-        book.portfolio.set_balances(balances)
+        book.set_balances(balances)
     return book

@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,8 +40,28 @@ async def _with_redis(fn: Callable[..., Awaitable[T]], *args: object, **kw: obje
         await redis.aclose()
 
 
+def _decimal(text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not value.is_finite():
+        raise argparse.ArgumentTypeError(f"{text!r}: not a finite number")
+    return value
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    print(asyncio.run(_with_redis(status_mod.status, as_json=args.json)))
+    print(
+        asyncio.run(
+            _with_redis(
+                status_mod.status,
+                as_json=args.json,
+                database_url=None if args.no_ledger else database_url(),
+                cash=args.cash,
+                cash_asset=args.cash_asset,
+            )
+        )
+    )
     return 0
 
 
@@ -127,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="streams, groups (lag, pending), dead letters, health")
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument(
+        "--cash",
+        type=_decimal,
+        metavar="AMOUNT",
+        help="the account's quote balance before its first fill: shows balances and equity",
+    )
+    st.add_argument(
+        "--cash-asset",
+        default=status_mod.DEFAULT_CASH_ASSET,
+        metavar="ASSET",
+        help="the asset of --cash when the ledger has several quote assets (default USDT)",
+    )
+    st.add_argument(
+        "--no-ledger", action="store_true", help="leave out the portfolio (no Postgres)"
+    )
     st.set_defaults(fn=cmd_status)
 
     tl = sub.add_parser("tail", help="decode a stream's entries, one JSON line each")
@@ -331,6 +367,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
             fee=args.fee,
             slippage_bps=args.slippage_bps,
             database_url=os.environ.get("DATABASE_URL"),
+            exchange_info=args.exchange_info,
+            max_exposure=args.max_exposure,
         )
     except backtest_mod.BacktestError as exc:
         print(f"gridstream backtest: {exc}", file=sys.stderr)
@@ -362,6 +400,18 @@ def add_backtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     bt.add_argument("--cash", help="starting quote balance (default 700)")
     bt.add_argument("--fee", help="maker and taker fee, a fraction (default 0.001)")
     bt.add_argument("--slippage-bps", help="market orders fill this much worse (default 0)")
+    bt.add_argument(
+        "--exchange-info",
+        metavar="FILE.json",
+        help="a saved GET /api/v3/exchangeInfo: the venue's filters, for the strategy's tick"
+        " and step and for the risk engine (which then judges every intent)",
+    )
+    bt.add_argument(
+        "--max-exposure",
+        metavar="QUOTE",
+        help="run the risk engine with this GS_MAX_EXPOSURE_QUOTE (default with"
+        " --exchange-info or [risk]: the risk service's, 250)",
+    )
     bt.set_defaults(fn=cmd_backtest)
 
 

@@ -1,16 +1,29 @@
-"""``gridstream status``: streams, consumer groups, dead letters and service health."""
+"""``gridstream status``: streams, consumer groups, dead letters, service health, and the
+portfolio of the ledger.
+
+The portfolio is the kernel's (:func:`gridstream.core.portfolio.book_from_fills` over the
+ledger's ``fills``, one book per quote asset), each symbol marked at its last candle's
+close in the ``candles`` table, else at its last fill's price. The account's cash is not
+in the ledger: balances and equity are shown when ``--cash`` gives the quote balance the
+account had before its first fill.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any, Final
 
+import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from gridstream.common.ledger import SELECT_FILLS
 from gridstream.common.runtime import HEARTBEAT_TTL_S
 from gridstream.common.streams import dead_letters, heartbeat_key, pattern_all, supervisor_key
+from gridstream.core.portfolio import FillBook, FillRow, book_from_fills, split_symbol
 
 from .common import s
 from .supervise import crash_loop_text, decode_state, describe_exit
@@ -52,7 +65,108 @@ async def _groups(redis: aioredis.Redis, stream: str) -> list[dict[str, Any]]:
     return out
 
 
-async def collect(redis: aioredis.Redis, *, now_ns: int | None = None) -> dict[str, Any]:
+#: The last close of each symbol (``$1``: the symbols), whatever the interval.
+_LAST_CLOSES: Final = (
+    "SELECT DISTINCT ON (symbol) symbol, close FROM candles WHERE symbol = ANY($1::text[])"
+    " ORDER BY symbol, close_time DESC"
+)
+#: How long ``status`` waits for the ledger's Postgres.
+LEDGER_TIMEOUT_S: Final = 5.0
+#: The quote asset ``--cash`` is in, unless the ledger has only one.
+DEFAULT_CASH_ASSET: Final = "USDT"
+#: Marks of a position: its last candle's close, or its last fill's price.
+MARK_CANDLE: Final = "candle"
+MARK_FILL: Final = "fill"
+
+
+def _books(rows: list[FillRow], *, cash: Decimal | None, cash_asset: str) -> dict[str, FillBook]:
+    """One kernel book per quote asset of the ledger's symbols (equity is in one asset);
+    ``cash`` is the starting balance of ``cash_asset`` (or of the only quote asset)."""
+    by_quote: dict[str, list[FillRow]] = defaultdict(list)
+    for r in rows:
+        by_quote[split_symbol(str(r["symbol"]))[1]].append(r)
+    if len(by_quote) == 1:
+        cash_asset = next(iter(by_quote))
+    return {
+        q: book_from_fills(qrows, quote=q, cash=cash if q == cash_asset else None)
+        for q, qrows in sorted(by_quote.items())
+    }
+
+
+def _num(value: Decimal) -> str:
+    """A Decimal in plain notation, without trailing zeros (``6.0E+4`` -> ``60000``)."""
+    return f"{value.normalize():f}"
+
+
+def _book_report(book: FillBook, marks: dict[str, Decimal], with_cash: bool) -> dict[str, Any]:
+    pf = book.portfolio
+    positions = []
+    for symbol, pos in sorted(pf.positions.items()):
+        mark = marks.get(symbol)
+        if mark is not None:
+            book.mark(symbol, mark)
+        positions.append(
+            {
+                "symbol": symbol,
+                "base": pos.base,
+                "qty": _num(pos.qty),
+                "avg_cost": _num(pos.avg_cost),
+                "realised": _num(pos.realised),
+                "unrealised": _num(pos.unrealised),
+                "fees": _num(pos.fees),
+                "fees_by_asset": {a: _num(f) for a, f in sorted(pos.fees_by_asset.items())},
+                "last_price": None if pos.last_price is None else _num(pos.last_price),
+                "marked_at": MARK_CANDLE if mark is not None else MARK_FILL,
+            }
+        )
+    return {
+        "quote": pf.quote,
+        "positions": positions,
+        "realised": _num(pf.realised()),
+        "unrealised": _num(pf.unrealised()),
+        "fees": _num(pf.fees()),
+        "fees_paid": {a: _num(f) for a, f in sorted(pf.fees_paid.items())},
+        "balances": {a: _num(b) for a, b in sorted(pf.balances.items())} if with_cash else None,
+        "equity": _num(pf.equity()) if with_cash else None,
+    }
+
+
+async def ledger_portfolio(
+    conn: asyncpg.Connection, *, cash: Decimal | None = None, cash_asset: str = DEFAULT_CASH_ASSET
+) -> list[dict[str, Any]]:
+    """The ledger's portfolio, one entry per quote asset, as plain data."""
+    rows = await conn.fetch(SELECT_FILLS, None)
+    books = _books(list(rows), cash=cash, cash_asset=cash_asset)
+    symbols = sorted({str(r["symbol"]) for r in rows})
+    marks = {r["symbol"]: Decimal(r["close"]) for r in await conn.fetch(_LAST_CLOSES, symbols)}
+    return [_book_report(b, marks, with_cash=b.cash_known) for b in books.values()]
+
+
+async def _portfolio_section(
+    database_url: str | None, cash: Decimal | None, cash_asset: str
+) -> dict[str, Any]:
+    if database_url is None:
+        return {"books": [], "error": "no ledger asked for"}
+    try:
+        conn = await asyncpg.connect(database_url, timeout=LEDGER_TIMEOUT_S)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        return {"books": [], "error": f"ledger not reachable: {exc}"}
+    try:
+        return {"books": await ledger_portfolio(conn, cash=cash, cash_asset=cash_asset)}
+    except asyncpg.UndefinedTableError as exc:
+        return {"books": [], "error": f"no ledger tables ({exc}); run gridstream migrate"}
+    finally:
+        await conn.close()
+
+
+async def collect(
+    redis: aioredis.Redis,
+    *,
+    now_ns: int | None = None,
+    database_url: str | None = None,
+    cash: Decimal | None = None,
+    cash_asset: str = DEFAULT_CASH_ASSET,
+) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (what ``--json`` prints)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     names = sorted(
@@ -98,6 +212,7 @@ async def collect(redis: aioredis.Redis, *, now_ns: int | None = None) -> dict[s
         "dead_letters": dlqs,
         "services": services,
         "supervisor": await _supervisor(redis, now_ns),
+        "portfolio": await _portfolio_section(database_url, cash, cash_asset),
     }
 
 
@@ -213,9 +328,57 @@ def render(report: dict[str, Any]) -> str:
                 ]
             )
         parts.append(_table(["service", "state", "pid", "restarts", "last exit", "note"], sup_rows))
+    parts += _render_portfolio(report.get("portfolio") or {})
     return "\n".join(parts)
 
 
-async def status(redis: aioredis.Redis, *, as_json: bool) -> str:
-    report = await collect(redis)
+def _fees_text(fees: dict[str, str]) -> str:
+    return ",".join(f"{f} {a}" for a, f in fees.items()) or "-"
+
+
+def _render_portfolio(section: dict[str, Any]) -> list[str]:
+    parts = ["", "PORTFOLIO (ledger)"]
+    if section.get("error"):
+        parts.append(f"  ({section['error']})")
+        return parts
+    if not section.get("books"):
+        parts.append("  (no fills)")
+        return parts
+    headers = ["symbol", "qty", "avg cost", "realised", "unrealised", "fees", "mark"]
+    for book in section["books"]:
+        rows = [
+            [
+                p["symbol"],
+                p["qty"],
+                p["avg_cost"],
+                p["realised"],
+                p["unrealised"],
+                _fees_text(p["fees_by_asset"]),
+                f"{p['last_price'] or '-'} ({p['marked_at']})",
+            ]
+            for p in book["positions"]
+        ]
+        parts.append(_table(headers, rows))
+        q = book["quote"]
+        parts.append(
+            f"  {q}: realised {book['realised']}, unrealised {book['unrealised']},"
+            f" fees {book['fees']} (paid: {_fees_text(book['fees_paid'])})"
+        )
+        if book["equity"] is not None:
+            balances = ", ".join(f"{b} {a}" for a, b in book["balances"].items())
+            parts.append(f"  equity {book['equity']} {q} (balances: {balances})")
+        else:
+            parts.append("  equity: unknown (give the account's starting cash with --cash)")
+    return parts
+
+
+async def status(
+    redis: aioredis.Redis,
+    *,
+    as_json: bool,
+    database_url: str | None = None,
+    cash: Decimal | None = None,
+    cash_asset: str = DEFAULT_CASH_ASSET,
+) -> str:
+    report = await collect(redis, database_url=database_url, cash=cash, cash_asset=cash_asset)
     return json.dumps(report, indent=2) if as_json else render(report)
