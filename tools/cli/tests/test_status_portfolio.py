@@ -73,9 +73,7 @@ async def test_status_shows_positions_pnl_fees_and_equity(redis_url, database_ur
     assert D(book["equity"]) == D("1002.815")
     assert D(book["balances"]["USDT"]) == D("940.939")
     # equity - cash = realised + unrealised - fees (0.12 + 0.061)
-    assert D(book["equity"]) - 1000 == D(book["realised"]) + D(book["unrealised"]) - D(
-        book["fees"]
-    )
+    assert D(book["equity"]) - 1000 == D(book["realised"]) + D(book["unrealised"]) - D(book["fees"])
 
     human = status(redis_url, database_url)
     assert human.returncode == 0, human.stderr
