@@ -37,6 +37,7 @@ from gridstream.core.signals.indicators import (
     RollingStats,
     RollingSum,
     Wilder,
+    true_range,
 )
 from gridstream.core.signals.timeframes import CandleAggregator, ratio
 
@@ -259,7 +260,7 @@ class _Series:
             change = close - prev
             self.gain.push(change if change > 0 else 0.0)
             self.loss.push(-change if change < 0 else 0.0)
-            atr = self.atr.push(max(high - low, abs(prev - high), abs(low - prev)))
+            atr = self.atr.push(true_range(high, low, prev))
             self.rets.push(math.log(close / prev))
         self.pv.push((high + low + close) / 3.0 * volume)
         self.vol.push(volume)

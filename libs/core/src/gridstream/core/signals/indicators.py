@@ -47,6 +47,11 @@ def ta_is_zero(v: float) -> bool:
     return -TA_EPSILON < v < TA_EPSILON
 
 
+def true_range(high: float, low: float, prev_close: float) -> float:
+    """The candle's range extended to the previous close (the ATR's input)."""
+    return max(high - low, abs(prev_close - high), abs(low - prev_close))
+
+
 class RollingStats:
     """Mean and population standard deviation of the last ``n`` values, O(1) per value.
 
@@ -239,8 +244,7 @@ class Directional:
         dm = self.prev_low - low
         plus = dp if (dp > 0 and dp > dm) else 0.0
         minus = dm if (dm > 0 and dp < dm) else 0.0
-        pc = self.prev_close
-        tr = max(high - low, abs(pc - high), abs(low - pc))
+        tr = true_range(high, low, self.prev_close)
         self.prev_high, self.prev_low, self.prev_close = high, low, close
         n = self.n
         if i < n:
