@@ -31,6 +31,7 @@ from gridstream.common.messages import (
 )
 from gridstream.common.runtime import Runtime
 from gridstream.common.streams import Kind, Service, stream
+from gridstream.core.portfolio import book_from_fills
 from gridstream.executor.main import run
 from gridstream.executor.settings import ExecutorSettings
 from gridstream.executor.venue import BinanceVenue
@@ -316,6 +317,9 @@ async def test_rejected_order_fails_and_fill_lands_once(
         before = [m for m in await executions(redis_url) if isinstance(m, OrderFilled)]
         assert len(before) == 1
         assert before[0].trade_id == fills[0]["trade_id"]
+        # its position, the kernel's portfolio of the recorded fills, is in its status
+        held = book_from_fills(fills).qty(SYMBOL)
+        assert ex.rt.status["positions"] == {SYMBOL: str(held)}
     finally:
         await ex.stop()
     # restart: reconciliation again at start; still exactly one fill and one OrderFilled
@@ -323,6 +327,7 @@ async def test_rejected_order_fails_and_fill_lands_once(
     try:
         assert len(await fetch(database_url, "SELECT * FROM fills")) == 1
         assert len([m for m in await executions(redis_url) if isinstance(m, OrderFilled)]) == 1
+        assert ex2.rt.status["positions"] == {SYMBOL: str(held)}  # rebuilt from the ledger
     finally:
         await ex2.stop()
 

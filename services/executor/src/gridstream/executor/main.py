@@ -77,6 +77,9 @@ async def run(settings: ExecutorSettings, rt: Runtime, venue: Venue | None = Non
         stop_event=rt.stop_event,
     )
     rt.status["venue"] = settings.venue
+    # the positions of its fills (the kernel's portfolio), shown in its heartbeat
+    await executor.load_positions()
+    rt.status["positions"] = executor.positions
     events = asyncio.create_task(executor.follow_events(), name="user-stream")
     outbox = asyncio.create_task(executor.outbox_loop(), name="outbox")
     supervised = (events, outbox)

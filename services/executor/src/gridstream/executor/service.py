@@ -51,7 +51,7 @@ from redis.exceptions import RedisError
 from gridstream.common import codec, metrics
 from gridstream.common.binance import trading as bt
 from gridstream.common.bus import Delivery, Outgoing, Producer, RetryLater
-from gridstream.common.ledger import LedgerStatus, OrderEventKind
+from gridstream.common.ledger import SELECT_FILLS, LedgerStatus, OrderEventKind
 from gridstream.common.messages import (
     Actions,
     AnyMessage,
@@ -63,6 +63,7 @@ from gridstream.common.messages import (
     OrderFilled,
 )
 from gridstream.common.streams import Kind, stream
+from gridstream.core.portfolio import FillBook, book_from_fills
 from gridstream.executor.venue import MalformedEvent, StreamConnected, StreamDisconnected, Venue
 
 log = logging.getLogger("gridstream.executor")
@@ -133,10 +134,24 @@ class Executor:
         self.reconcile_wanted = False
         self.malformed_events = 0
         self._last_reconcile = float("-inf")
+        #: The positions of this venue's recorded fills: the kernel's portfolio, rebuilt
+        #: from the ledger by :meth:`load_positions` and moved by each new fill.
+        self.book = FillBook()
+        #: symbol -> base units held, as text (what the heartbeat shows).
+        self.positions: dict[str, str] = {}
 
     @property
     def name(self) -> str:
         return self.venue.name
+
+    async def load_positions(self) -> None:
+        """Rebuild :attr:`book` from the ledger's fills of this venue's symbols."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(SELECT_FILLS, self.symbols)
+        self.book = book_from_fills(r for r in rows if r["venue"] == self.name)
+        self.positions.clear()
+        for symbol in self.book.portfolio.positions:
+            self.positions[symbol] = str(self.book.qty(symbol))
 
     # =========================================================================== bus handler
     async def handle(self, batch: Sequence[Delivery]) -> list[Outgoing]:
@@ -537,6 +552,8 @@ class Executor:
                 fill.ts_event,
             )
         metrics.FILLS.labels(self.service, fill.symbol).inc()
+        self.book.on_fill(fill)
+        self.positions[fill.symbol] = str(self.book.qty(fill.symbol))
         return True
 
     async def _apply_accepted(self, msg: OrderAccepted) -> bool:
