@@ -9,5 +9,7 @@ engines, and ``gridstream backtest`` drives the very same ones.
   the Polars batch frame);
 - :mod:`gridstream.core.strategies`: the dynamic grid;
 - :mod:`gridstream.core.risk`: exchange filters and exposure rules;
-- :mod:`gridstream.core.fills`: the fill model (when a limit order fills, at what price).
+- :mod:`gridstream.core.fills`: the fill model (when a limit order fills, at what price);
+- :mod:`gridstream.core.portfolio`: balances, positions, average cost, PnL and equity, the
+  one view of holdings of the backtester, risk, the strategy, the executor and status.
 """

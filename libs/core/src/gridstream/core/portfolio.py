@@ -1,7 +1,7 @@
 """The portfolio: balances per asset, positions, average cost, PnL and equity.
 
-One implementation for every part that needs a view of holdings (the backtester today;
-strategy, risk, the executor and ``gridstream status`` as they move onto the kernel).
+One implementation for every part that needs a view of holdings: the backtester, risk,
+the strategy, the executor and ``gridstream status``.
 Pure: fills and prices in, numbers out; ``Decimal`` throughout.
 
 Rules:
