@@ -74,6 +74,7 @@ async def run(settings: ExecutorSettings, rt: Runtime, venue: Venue | None = Non
         reconnect_delay_s=settings.reconnect_delay_s,
         outbox_retry_s=settings.outbox_retry_s,
         malformed_reconcile_s=settings.malformed_reconcile_s,
+        recv_window_ms=settings.recv_window_ms,
         stop_event=rt.stop_event,
     )
     rt.status["venue"] = settings.venue

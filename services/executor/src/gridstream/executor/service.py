@@ -63,6 +63,7 @@ from gridstream.common.messages import (
     OrderFilled,
 )
 from gridstream.common.streams import Kind, stream
+from gridstream.core import orders
 from gridstream.core.portfolio import FillBook, book_from_fills
 from gridstream.executor.venue import MalformedEvent, StreamConnected, StreamDisconnected, Venue
 
@@ -70,9 +71,6 @@ log = logging.getLogger("gridstream.executor")
 
 #: Outbox rows published per round trip.
 OUTBOX_PAGE = 500
-
-TERMINAL = (LedgerStatus.FILLED, LedgerStatus.CANCELED, LedgerStatus.FAILED)
-UNRESOLVED = (LedgerStatus.PENDING, LedgerStatus.UNKNOWN)
 
 #: Stream frames that could not be parsed (their event may be lost until reconciled).
 MALFORMED_EVENTS = metrics.MALFORMED_EVENTS
@@ -110,6 +108,7 @@ class Executor:
         reconnect_delay_s: float = 1.0,
         outbox_retry_s: float = 1.0,
         malformed_reconcile_s: float = 5.0,
+        recv_window_ms: int = bt.DEFAULT_RECV_WINDOW_MS,
         stop_event: asyncio.Event | None = None,
     ) -> None:
         self.venue = venue
@@ -123,6 +122,9 @@ class Executor:
         self.outbox_retry_s = outbox_retry_s
         #: Least time between two reconciliations asked for by malformed stream events.
         self.malformed_reconcile_s = malformed_reconcile_s
+        #: How long after its last send an order the venue does not know may still reach
+        #: it: the request's ``recvWindow`` (Binance drops it after that).
+        self.deadline_after_ns = recv_window_ms * 1_000_000
         self.stop_event = stop_event or asyncio.Event()
         self.lock = asyncio.Lock()
         self.reconciled = asyncio.Event()
@@ -199,6 +201,8 @@ class Executor:
     # =========================================================================== place
     async def place(self, msg: OrderApproved) -> list[Outgoing]:
         now = time.time_ns()
+        deadline = now + self.deadline_after_ns
+        new = orders.submit(msg.client_order_id, msg.qty, ts_event=now, deadline_ns=deadline)
         async with self.pool.acquire() as conn:
             inserted = await conn.fetchval(
                 "INSERT INTO orders (client_order_id, intent_id, venue, symbol, side, price, qty,"
@@ -211,13 +215,21 @@ class Executor:
                 msg.side,
                 msg.price,
                 msg.qty,
-                LedgerStatus.PENDING,
+                new.status,
                 now,
             )
-            row = None if inserted else await self._order_row(conn, msg.client_order_id)
-        if row is not None:
-            if row["status"] not in UNRESOLVED:
-                log.info("order %s already %s; not resent", msg.client_order_id, row["status"])
+            resend = None
+            if not inserted:
+                async with conn.transaction():
+                    resend = await self._transition(
+                        conn,
+                        msg.client_order_id,
+                        orders.Submitted(ts_event=now, deadline_ns=deadline),
+                    )
+            row = None if resend is None else await self._order_row(conn, msg.client_order_id)
+        if resend is not None and row is not None:
+            if not resend.applied:
+                log.info("order %s %s", msg.client_order_id, resend.reason)
                 return await self._outcome_of(row)
             # An earlier attempt's outcome is unknown: ask the venue before anything else.
             found = await self._lookup(msg.symbol, msg.client_order_id)
@@ -241,7 +253,9 @@ class Executor:
             raise
         except bt.UnknownOutcome as exc:
             log.warning("placing %s: outcome unknown (%s); querying", msg.client_order_id, exc)
-            await self._set_status(msg.client_order_id, LedgerStatus.UNKNOWN, UNRESOLVED)
+            await self._apply_event(
+                msg.client_order_id, orders.SendUnknown(ts_event=time.time_ns())
+            )
             found = await self._resolve_unknown(msg.symbol, msg.client_order_id)
             if found is None:
                 raise OutcomeStillUnknown(
@@ -256,18 +270,16 @@ class Executor:
     async def _record_placed(self, order: bt.VenueOrder) -> list[Outgoing]:
         now = time.time_ns()
         accepted = bt.order_accepted(order, venue=self.name, ts_init=now)
-        status = bt.ledger_status(order.status)
+        report = orders.venue_report(
+            order.status, ts_event=accepted.ts_event, venue_order_id=order.venue_order_id
+        )
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE orders SET status = CASE WHEN status = ANY($3::text[]) THEN $2"
-                " ELSE status END, venue_order_id = $4, ts_updated = $5"
-                " WHERE client_order_id = $1",
-                order.client_order_id,
-                status,
-                list(UNRESOLVED),
-                order.venue_order_id,
-                now,
-            )
+            if report is None:
+                log.warning(
+                    "order %s: venue status %s unknown", order.client_order_id, order.status
+                )
+            else:
+                await self._transition(conn, order.client_order_id, report)
             await self._event(
                 conn,
                 accepted.id,
@@ -277,7 +289,7 @@ class Executor:
                 accepted.ts_event,
             )
         out = [_out(accepted, order.symbol)]
-        if status == LedgerStatus.CANCELED:
+        if isinstance(report, orders.Canceled):
             out.extend(await self._record_canceled(order))
         return out
 
@@ -289,8 +301,14 @@ class Executor:
         exc: bt.BinanceError,
         *,
         outbox: bool = False,
+        when: orders.NotFound | None = None,
     ) -> list[Outgoing]:
-        """Record a refusal; with ``outbox`` (outside a bus delivery) also queue its message."""
+        """Record a refusal; with ``outbox`` (outside a bus delivery) also queue its message.
+
+        A placement's refusal fails the order (:class:`orders.Rejected`). ``when``: the
+        event that fails it instead (a lookup that found nothing); nothing is recorded
+        when the state machine does not fail the order on it (before its deadline).
+        """
         now = time.time_ns()
         failed = bt.order_failed(
             symbol=symbol,
@@ -302,14 +320,10 @@ class Executor:
         )
         async with self.pool.acquire() as conn, conn.transaction():
             if action == Actions.PLACE:
-                await conn.execute(
-                    "UPDATE orders SET status = $2, ts_updated = $3 WHERE client_order_id = $1"
-                    " AND status = ANY($4::text[])",
-                    client_order_id,
-                    LedgerStatus.FAILED,
-                    now,
-                    list(UNRESOLVED),
-                )
+                event = when or orders.Rejected(ts_event=now, reason=f"{exc.code} {exc.msg}")
+                t = await self._transition(conn, client_order_id, event)
+                if when is not None and (t is None or not t.applied):
+                    return []
             await self._event(
                 conn,
                 failed.id,
@@ -373,14 +387,15 @@ class Executor:
                 Actions.CANCEL,
                 bt.UnknownOrderError(bt.CODE_CANCEL_REJECTED, "no such order in the ledger"),
             )
-        if row["status"] == LedgerStatus.CANCELED:
+        request = orders.apply(self._state_of(row), orders.CancelRequested(ts_event=time.time_ns()))
+        if request.verdict is orders.Verdict.DUPLICATE:  # already canceled
             return await self._outcome_of(row)
-        if row["status"] in (LedgerStatus.FILLED, LedgerStatus.FAILED):
+        if not request.applied:
             return await self._record_failed(
                 msg.symbol,
                 msg.client_order_id,
                 Actions.CANCEL,
-                bt.UnknownOrderError(bt.CODE_CANCEL_REJECTED, f"order is {row['status']}"),
+                bt.UnknownOrderError(bt.CODE_CANCEL_REJECTED, request.reason),
             )
         metrics.ORDERS.labels(self.service, msg.symbol, Actions.CANCEL).inc()
         order: bt.VenueOrder | None
@@ -390,25 +405,21 @@ class Executor:
             # -2011: the venue no longer has it open; learn what became of it.
             order = await self._lookup(msg.symbol, msg.client_order_id)
             if order is None:
-                if row["status"] in UNRESOLVED:
-                    # Never seen by the venue, or not yet: it is not canceled. The order
-                    # stays unresolved; reconciliation looks it up again.
-                    log.warning(
-                        "cancel of %s: the venue does not know the order (%s); left %s",
-                        msg.client_order_id,
-                        row["status"],
-                        row["status"],
-                    )
-                    return await self._record_failed(
-                        msg.symbol,
-                        msg.client_order_id,
-                        Actions.CANCEL,
-                        bt.UnknownOrderError(
-                            bt.CODE_CANCEL_REJECTED, "order unknown to the venue; unresolved"
-                        ),
-                    )
-                gone = self._venue_order_from_row(row)
-                return await self._record_canceled(gone)
+                gone = await self._apply_event(
+                    msg.client_order_id, orders.CancelUnknownOrder(ts_event=time.time_ns())
+                )
+                if gone is not None and gone.applied:
+                    return await self._record_canceled(self._venue_order_from_row(row))
+                # Never seen by the venue, or not yet: it is not canceled. An unresolved
+                # order stays so; reconciliation looks it up again.
+                reason = "order unknown to the venue" if gone is None else gone.reason
+                log.warning("cancel of %s: %s", msg.client_order_id, reason)
+                return await self._record_failed(
+                    msg.symbol,
+                    msg.client_order_id,
+                    Actions.CANCEL,
+                    bt.UnknownOrderError(bt.CODE_CANCEL_REJECTED, reason),
+                )
         except bt.RateLimitedError as exc:
             await bt.sleep_for_rate_limit(exc)
             raise
@@ -418,10 +429,13 @@ class Executor:
                 raise OutcomeStillUnknown(f"cancel of {msg.client_order_id}: {exc}") from exc
         except (bt.RejectedError, bt.AuthError) as exc:
             return await self._record_failed(msg.symbol, msg.client_order_id, Actions.CANCEL, exc)
-        if order.status in bt.CLOSED_CANCELED_STATUSES:
+        report = orders.venue_report(
+            order.status, ts_event=order.time_ms * 1_000_000, venue_order_id=order.venue_order_id
+        )
+        if isinstance(report, orders.Canceled):
             return await self._record_canceled(order)
-        if order.status == "FILLED":
-            await self._set_status(msg.client_order_id, LedgerStatus.FILLED, LedgerStatus.OPEN)
+        if isinstance(report, orders.ReportedFilled):
+            await self._apply_event(msg.client_order_id, report)
             return await self._record_failed(
                 msg.symbol,
                 msg.client_order_id,
@@ -468,16 +482,63 @@ class Executor:
         )
         return row
 
-    async def _set_status(self, client_order_id: str, status: str, when: Sequence[str]) -> None:
-        async with self.pool.acquire() as conn:
+    def _state_of(self, row: asyncpg.Record) -> orders.OrderState:
+        """An ``orders`` row as the state machine's state.
+
+        The row keeps no notional (the average price is unknown here) and no trade ids
+        (the ``fills`` table's unique key dedupes trades before the machine sees one).
+        Its deadline is ``ts_updated`` + ``recvWindow``: an unresolved row's
+        ``ts_updated`` is its last send or later, so the deadline is never early.
+        """
+        ts_updated = int(row["ts_updated"])
+        return orders.OrderState(
+            client_order_id=row["client_order_id"],
+            qty=Decimal(row["qty"]),
+            status=LedgerStatus(row["status"]),
+            filled_qty=Decimal(row["filled_qty"]),
+            filled_notional=None,
+            venue_order_id=row["venue_order_id"] or "",
+            deadline_ns=ts_updated + self.deadline_after_ns,
+            ts_updated=ts_updated,
+        )
+
+    async def _transition(
+        self, conn: asyncpg.Connection, client_order_id: str, event: orders.OrderEvent
+    ) -> orders.Transition | None:
+        """Apply one event to an order: the state machine decides, this writes it.
+
+        Call inside a transaction: the row is locked while the machine decides, so a
+        concurrent writer (the user stream beside a reconciliation) waits for this one,
+        and the update is guarded on the status read. ``None``: no such order.
+        """
+        row = await conn.fetchrow(
+            "SELECT * FROM orders WHERE client_order_id = $1 FOR NO KEY UPDATE", client_order_id
+        )
+        if row is None:
+            return None
+        t = orders.apply(self._state_of(row), event)
+        if not t.applied:
+            log.debug("order %s: %s %s (%s)", client_order_id, event.kind, t.verdict, t.reason)
+        if t.changed:
             await conn.execute(
-                "UPDATE orders SET status = $2, ts_updated = $3 WHERE client_order_id = $1"
-                " AND status = ANY($4::text[])",
+                "UPDATE orders SET status = $2, filled_qty = $3,"
+                " venue_order_id = NULLIF($4, ''), ts_updated = $5"
+                " WHERE client_order_id = $1 AND status = $6",
                 client_order_id,
-                status,
+                t.state.status,
+                t.state.filled_qty,
+                t.state.venue_order_id,
                 time.time_ns(),
-                list(when),
+                t.previous.status,
             )
+        return t
+
+    async def _apply_event(
+        self, client_order_id: str, event: orders.OrderEvent
+    ) -> orders.Transition | None:
+        """:meth:`_transition` in a transaction of its own."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self._transition(conn, client_order_id, event)
 
     @staticmethod
     async def _event(
@@ -506,7 +567,6 @@ class Executor:
 
     async def record_fill(self, fill: OrderFilled) -> bool:
         """Insert one fill (queued in the outbox) and update its order; True when new."""
-        now = time.time_ns()
         async with self.pool.acquire() as conn, conn.transaction():
             new = await conn.fetchval(
                 "INSERT INTO fills (venue, symbol, trade_id, client_order_id, venue_order_id,"
@@ -529,19 +589,16 @@ class Executor:
             )
             if not new:
                 return False
-            await conn.execute(
-                "UPDATE orders SET filled_qty = filled_qty + $2,"
-                " status = CASE WHEN status = $3 THEN status"
-                "   WHEN filled_qty + $2 >= qty THEN $4 ELSE $5 END,"
-                " venue_order_id = COALESCE(venue_order_id, $6), ts_updated = $7"
-                " WHERE client_order_id = $1",
+            await self._transition(
+                conn,
                 fill.client_order_id,
-                fill.qty,
-                LedgerStatus.CANCELED,
-                LedgerStatus.FILLED,
-                LedgerStatus.PARTIALLY_FILLED,
-                fill.venue_order_id,
-                now,
+                orders.Fill(
+                    ts_event=fill.ts_event,
+                    qty=fill.qty,
+                    price=fill.price,
+                    trade_id=fill.trade_id,
+                    venue_order_id=fill.venue_order_id,
+                ),
             )
             await self._event(
                 conn,
@@ -558,15 +615,10 @@ class Executor:
 
     async def _apply_accepted(self, msg: OrderAccepted) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE orders SET status = CASE WHEN status = ANY($2::text[]) THEN $3"
-                " ELSE status END, venue_order_id = COALESCE(venue_order_id, $4),"
-                " ts_updated = $5 WHERE client_order_id = $1",
+            await self._transition(
+                conn,
                 msg.client_order_id,
-                list(UNRESOLVED),
-                LedgerStatus.ACCEPTED,
-                msg.venue_order_id,
-                time.time_ns(),
+                orders.Accepted(ts_event=msg.ts_event, venue_order_id=msg.venue_order_id),
             )
             return await self._event(
                 conn, msg.id, msg.client_order_id, OrderEventKind.ACCEPTED, "", msg.ts_event, msg
@@ -574,13 +626,10 @@ class Executor:
 
     async def _apply_canceled(self, msg: OrderCanceled, *, outbox: bool = True) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE orders SET status = $2, ts_updated = $3 WHERE client_order_id = $1"
-                " AND status = ANY($4::text[])",
+            await self._transition(
+                conn,
                 msg.client_order_id,
-                LedgerStatus.CANCELED,
-                time.time_ns(),
-                list(LedgerStatus.OPEN),
+                orders.Canceled(ts_event=msg.ts_event, venue_order_id=msg.venue_order_id),
             )
             return await self._event(
                 conn,
@@ -594,13 +643,10 @@ class Executor:
 
     async def _apply_failed(self, msg: OrderFailed) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE orders SET status = $2, ts_updated = $3 WHERE client_order_id = $1"
-                " AND status = ANY($4::text[])",
+            await self._transition(
+                conn,
                 msg.client_order_id,
-                LedgerStatus.FAILED,
-                time.time_ns(),
-                list(UNRESOLVED),
+                orders.Rejected(ts_event=msg.ts_event, reason=f"{msg.code} {msg.reason}"),
             )
             return await self._event(
                 conn,
@@ -815,24 +861,28 @@ class Executor:
         for row, found in looked_up:
             coid = row["client_order_id"]
             if found is None:
-                if row["status"] in UNRESOLVED:
-                    await self._record_failed(
-                        symbol,
-                        coid,
-                        Actions.PLACE,
-                        bt.UnknownOrderError(
-                            bt.CODE_NO_SUCH_ORDER, "order never reached the venue"
-                        ),
-                        outbox=True,
-                    )
+                # failed if the order's deadline is past (the machine decides)
+                await self._record_failed(
+                    symbol,
+                    coid,
+                    Actions.PLACE,
+                    bt.UnknownOrderError(bt.CODE_NO_SUCH_ORDER, "order never reached the venue"),
+                    outbox=True,
+                    when=orders.NotFound(ts_event=time.time_ns()),
+                )
                 continue
+            report = orders.venue_report(
+                found.status,
+                ts_event=found.time_ms * 1_000_000,
+                venue_order_id=found.venue_order_id,
+            )
             if found.is_open:
                 await self._apply_accepted(bt.order_accepted(found, venue=self.name, ts_init=now))
-            elif found.status in bt.CLOSED_CANCELED_STATUSES:
+            elif isinstance(report, orders.Canceled):
                 await self._apply_canceled(bt.order_canceled(found, venue=self.name, ts_init=now))
-            elif found.status == "FILLED":
-                await self._set_status(coid, LedgerStatus.FILLED, LedgerStatus.OPEN)
-            elif found.status == "REJECTED":
+            elif isinstance(report, orders.ReportedFilled):
+                await self._apply_event(coid, report)
+            elif isinstance(report, orders.Rejected):
                 await self._record_failed(
                     symbol, coid, Actions.PLACE, bt.RejectedError(0, "REJECTED"), outbox=True
                 )

@@ -20,13 +20,13 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, cast
 from urllib.parse import urlencode
 
 import aiohttp
 import msgspec
 
-from gridstream.common.ledger import LedgerStatus
+from gridstream.common.binance.statuses import OPEN_STATUSES
 from gridstream.common.messages import (
     Actions,
     IntentAction,
@@ -65,38 +65,6 @@ UNKNOWN_OUTCOME_CODES: Final = frozenset(
 AUTH_CODES: Final = frozenset(
     {-1002, CODE_BAD_SIGNATURE, CODE_BAD_API_KEY_FMT, CODE_REJECTED_MBX_KEY}
 )
-
-VenueOrderStatus = Literal[
-    "NEW",
-    "PARTIALLY_FILLED",
-    "FILLED",
-    "CANCELED",
-    "PENDING_CANCEL",
-    "REJECTED",
-    "EXPIRED",
-    "EXPIRED_IN_MATCH",
-]
-OPEN_STATUSES: Final = frozenset({"NEW", "PARTIALLY_FILLED", "PENDING_CANCEL"})
-CLOSED_CANCELED_STATUSES: Final = frozenset({"CANCELED", "EXPIRED", "EXPIRED_IN_MATCH"})
-
-
-def ledger_status(venue_status: str) -> str:
-    """The ledger status for a Binance order status."""
-    if venue_status == "NEW":
-        return LedgerStatus.ACCEPTED
-    if venue_status in ("PARTIALLY_FILLED", "PENDING_CANCEL"):
-        return (
-            LedgerStatus.PARTIALLY_FILLED
-            if venue_status == "PARTIALLY_FILLED"
-            else (LedgerStatus.ACCEPTED)
-        )
-    if venue_status == "FILLED":
-        return LedgerStatus.FILLED
-    if venue_status in CLOSED_CANCELED_STATUSES:
-        return LedgerStatus.CANCELED
-    if venue_status == "REJECTED":
-        return LedgerStatus.FAILED
-    return LedgerStatus.UNKNOWN
 
 
 # ----------------------------------------------------------------------------- errors
