@@ -11,5 +11,7 @@ engines, and ``gridstream backtest`` drives the very same ones.
 - :mod:`gridstream.core.risk`: exchange filters and exposure rules;
 - :mod:`gridstream.core.fills`: the fill model (when a limit order fills, at what price);
 - :mod:`gridstream.core.portfolio`: balances, positions, average cost, PnL and equity, the
-  one view of holdings of the backtester, risk, the strategy, the executor and status.
+  one view of holdings of the backtester, risk, the strategy, the executor and status;
+- :mod:`gridstream.core.orders`: the order state machine, the only code that decides an
+  order's status (the executor and the backtester drive it).
 """

@@ -1,5 +1,16 @@
 """The executor: approved orders -> venue requests; venue events -> ledger and executions.
 
+Wiring, not decisions: an order's status is decided only by the kernel's state machine
+(:mod:`gridstream.core.orders`). Every change goes through :meth:`Executor._transition`:
+it loads the ``orders`` row locked (``FOR NO KEY UPDATE``) in the writing transaction,
+turns it into an ``OrderState``, applies the event it learned (a venue answer, a stream
+report, a reconciliation finding: ``orders.venue_report`` maps a venue order status to
+its event) and writes the state the machine returns, with an ``UPDATE`` guarded on the
+status it read. A refused event (late, repeated, illegal) writes nothing but is still
+recorded in ``order_events``: the events are the truth, the status their projection. An
+order's deadline (after which "order does not exist" means it never reached the venue)
+is its row's ``ts_updated`` plus ``recvWindow``.
+
 Exactly-once rules, in order of the code below:
 
 * place: the ``orders`` row (keyed by the deterministic client order id) is written
