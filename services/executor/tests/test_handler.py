@@ -7,6 +7,7 @@ import time
 from decimal import Decimal
 from typing import Any
 
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 from test_executor import (
@@ -27,6 +28,7 @@ from test_executor import (
 
 from gridstream.common.binance import trading as bt
 from gridstream.common.bus import RetryLater
+from gridstream.common.ledger import LedgerStatus
 from gridstream.common.messages import OrderAccepted, OrderCanceled, OrderFailed, OrderFilled
 from gridstream.common.streams import Kind, Service, dead_letters, group, stream
 from gridstream.executor.service import OutcomeStillUnknown, Stopping, VenueBusy
@@ -205,5 +207,44 @@ async def test_cancel_of_an_order_the_venue_does_not_know_leaves_it_unresolved(
             database_url, "SELECT status FROM orders WHERE client_order_id = $1", coid
         )
         assert [r["status"] for r in rows] == ["pending"]  # reconciliation decides later
+    finally:
+        await ex.stop()
+
+
+async def test_reconciliation_fails_an_unknown_order_only_after_its_deadline(
+    sim: Sim, redis_url: str, database_url: str
+) -> None:
+    # Two placements whose outcome was lost and that the venue never received: one sent
+    # long ago, one just now (its request could still reach the venue in its recvWindow).
+    settings = msgspec.structs.replace(
+        exec_settings(redis_url, database_url, sim.url), recv_window_ms=60_000
+    )
+    price = tick_price(sim.last * D("0.9"))
+    old, fresh = "gs-lost-old", "gs-lost-fresh"
+    conn = await asyncpg.connect(database_url)
+    try:
+        for coid, ts in ((old, 1), (fresh, time.time_ns())):
+            await conn.execute(
+                "INSERT INTO orders (client_order_id, intent_id, venue, symbol, side, price,"
+                " qty, status, ts_created, ts_updated) VALUES ($1,'i-1','simulator',$2,'BUY',"
+                "$3,$4,$5,$6,$6)",
+                coid,
+                SYMBOL,
+                price,
+                D("0.0005"),
+                LedgerStatus.UNKNOWN,
+                ts,
+            )
+    finally:
+        await conn.close()
+    ex = await start_executor(settings)  # ready once the start's reconciliation is done
+    try:
+        rows = await fetch(database_url, "SELECT client_order_id, status FROM orders")
+        assert {r["client_order_id"]: r["status"] for r in rows} == {
+            old: LedgerStatus.FAILED,
+            fresh: LedgerStatus.UNKNOWN,
+        }
+        failed = [m for m in await executions(redis_url) if isinstance(m, OrderFailed)]
+        assert [(m.client_order_id, m.action) for m in failed] == [(old, "place")]
     finally:
         await ex.stop()
