@@ -56,8 +56,9 @@ from gridstream.common.messages import (
     Side,
     deterministic_id,
 )
-from gridstream.core.fills import path_vertices
+from gridstream.core.fills import path_vertices, would_cross_on_arrival
 from gridstream.core.portfolio import Portfolio
+from gridstream.core.signals.batch import SignalSource
 from gridstream.core.signals.engine import SignalEngine
 from gridstream.core.strategies.base import Strategy
 
@@ -294,6 +295,39 @@ class _Order:
         return self.intent.qty - self.filled
 
 
+def _reached(it: OrderIntent, lo: Decimal, hi: Decimal, through: Decimal) -> bool:
+    """True when a path trading over ``[lo, hi]`` fills the resting limit order ``it``."""
+    if it.side == "BUY":
+        return lo <= it.price - through
+    return hi >= it.price + through
+
+
+def _quiet(book: Mapping[str, _Order], c: Candle, through: Decimal) -> bool:
+    """True when candle ``c`` fills no order of ``book``, so the vertex walk of
+    :meth:`Backtester._fills_in` would do nothing but let the limit orders that reach the
+    book at the open (without crossing it) arrive: that is done here, and the walk skipped.
+
+    Every order must be a limit order active from the open: one that arrives there and
+    does not cross the open rests, and a resting order fills only where the path reaches
+    it, and the path (open, both extremes, close) trades over all of ``[low, high]``.
+    """
+    t0 = c.open_time
+    for o in book.values():
+        if o.remaining <= 0:
+            continue
+        it = o.intent
+        if it.order_type == OrderTypes.MARKET or o.active_from_ms > t0:
+            return False
+        if not o.arrived and would_cross_on_arrival(it.side, it.price, c.open):
+            return False
+        if _reached(it, c.low, c.high, through):
+            return False
+    for o in book.values():
+        if o.remaining > 0:
+            o.arrived = True
+    return True
+
+
 @dataclass
 class BacktestResult:
     symbols: tuple[str, ...]
@@ -325,7 +359,7 @@ class Backtester:
         *,
         cash: Decimal,
         fill: FillSettings | None = None,
-        signals: SignalEngine | None = None,
+        signals: SignalSource | None = None,
         interval_ms: int = 60_000,
         record_levels: bool = True,
     ) -> None:
@@ -337,7 +371,7 @@ class Backtester:
         self.assets = dict(symbols)
         self.fill = fill or FillSettings()
         self.portfolio = Portfolio.start(quotes.pop(), cash, symbols)
-        self.signals = signals if signals is not None else SignalEngine()
+        self.signals: SignalSource = signals if signals is not None else SignalEngine()
         self.interval_ms = interval_ms
         self.book: dict[str, dict[str, _Order]] = {s: {} for s in self.symbols}
         self.known: set[str] = set()
@@ -611,6 +645,8 @@ class Backtester:
         fs = self.fill
         maker, taker = fs.fees(c.symbol)
         through = fs.tick(c.symbol) if fs.queue == "through" else ZERO
+        if _quiet(book, c, through):
+            return []
         vertices = path_vertices(c.open, c.high, c.low, c.close)
         span = c.close_time + 1 - c.open_time
         t0 = c.open_time
@@ -634,16 +670,12 @@ class Backtester:
                     if it.order_type == OrderTypes.MARKET:
                         slip = at * fs.slippage_bps / BPS
                         arriving.append((o, at + slip if it.side == "BUY" else at - slip))
-                    elif (it.side == "BUY" and it.price >= at) or (
-                        it.side == "SELL" and it.price <= at
-                    ):
+                    elif would_cross_on_arrival(it.side, it.price, at):
                         arriving.append((o, at))
                     continue
                 if it.order_type == OrderTypes.MARKET:
                     continue  # filled at arrival, only a volume cap leaves a rest: below
-                if (it.side == "BUY" and lo <= it.price - through) or (
-                    it.side == "SELL" and hi >= it.price + through
-                ):
+                if _reached(it, lo, hi, through):
                     # the path meets the nearest level first on its way from `prev`
                     resting.append((abs(it.price - prev), coid, o))
             resting.sort(key=lambda r: (r[0], r[1]))

@@ -56,6 +56,7 @@ from gridstream.core.backtest import (
     ColumnarStrategy,
     FillSettings,
 )
+from gridstream.core.signals.batch import BatchSignals, SeriesColumns, SignalSource
 from gridstream.core.signals.engine import SignalEngine
 from gridstream.core.strategies import (
     STRATEGIES,
@@ -424,6 +425,17 @@ def table(metrics: Mapping[str, Any]) -> str:
 
 
 # -- the command ---------------------------------------------------------------------------
+def signal_columns(bars: Bars) -> SeriesColumns:
+    """The float columns the signals are computed from (each text parsed once)."""
+    return SeriesColumns(
+        open_time=bars.open_time,
+        high=np.asarray(bars.high, dtype=np.float64),
+        low=np.asarray(bars.low, dtype=np.float64),
+        close=np.asarray(bars.close, dtype=np.float64),
+        volume=np.asarray(bars.volume, dtype=np.float64),
+    )
+
+
 def simulate(
     strat: Strategy,
     series: Mapping[str, Bars],
@@ -435,13 +447,19 @@ def simulate(
     """One run of ``strat`` over ``series``: columnar when it can be, else candle by candle."""
     first = next(iter(series.values()))
     symbols = {s: (base_asset(s), s[len(base_asset(s)) :]) for s in series}
+    signals: SignalSource = SignalEngine(base=first.interval)
+    if strat.wants_signals:
+        # every candle is known before the run: the signals made at once, as the engine's
+        signals = BatchSignals(
+            {s: signal_columns(b) for s, b in series.items()}, interval=first.interval
+        )
     bt = Backtester(
         strat,
         symbols,
         cash=cash,
         fill=fill,
         interval_ms=first.interval_ms,
-        signals=SignalEngine(base=first.interval),
+        signals=signals,
     )
     if columnar(strat, series):
         return bt.run_columnar(series)

@@ -113,13 +113,14 @@ class BatchSignals:
     ) -> None:
         self.params = params or SignalParams()
         self.interval = interval
+        self._warmup = self.params.warmup
         #: symbols whose regime inputs came near a threshold: computed by the engine
         self.by_engine: list[str] = []
         self._rows = {s: self._compute(s, cols) for s, cols in series.items()}
 
     @property
     def warmup(self) -> int:
-        return self.params.warmup
+        return self._warmup
 
     def _compute(self, symbol: str, cols: SeriesColumns) -> _Rows:
         p = self.params
@@ -198,7 +199,7 @@ class BatchSignals:
         if i >= len(times) or times[i] != candle.open_time:
             raise ValueError(f"{candle.symbol} {candle.open_time}: not the next batch candle")
         rows.pos = i + 1
-        if i + 1 < self.params.warmup:
+        if i + 1 < self._warmup:
             return []
         values = dict(zip(INDICATORS, rows.values[i], strict=True))
         return [

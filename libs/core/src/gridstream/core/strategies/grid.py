@@ -355,16 +355,19 @@ class GridEngine:
         unmatched = list(active)
         to_place: list[Level] = []
         for want in grid.levels:
-            best: LiveOrder | None = None
-            for o in unmatched:
-                if o.side != want.side or abs(o.price - want.price) > tolerance:
+            # the nearest live order of its side within the tolerance (the first of equals)
+            best = -1
+            best_d = tolerance
+            for k, o in enumerate(unmatched):
+                if o.side != want.side:
                     continue
-                if best is None or abs(o.price - want.price) < abs(best.price - want.price):
-                    best = o
-            if best is None:
+                d = abs(o.price - want.price)
+                if d <= tolerance and (best < 0 or d < best_d):
+                    best, best_d = k, d
+            if best < 0:
                 to_place.append(want)
             else:
-                unmatched.remove(best)
+                del unmatched[best]
         cancels = [self._cancel(signal, o, "off_grid") for o in unmatched]
         return cancels + [self._place(signal, lv) for lv in to_place]
 
