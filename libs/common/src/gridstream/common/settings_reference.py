@@ -680,6 +680,15 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "hours replayed",
     ),
     Setting(
+        "GS_SIM_LOCKSTEP",
+        "lockstep",
+        ("simulator",),
+        "bool",
+        "False",
+        False,
+        "pause before and after each minute's closes until POST /sim/resume",
+    ),
+    Setting(
         "GS_SIM_MAKER_FEE",
         "maker_fee",
         ("simulator",),

@@ -1,17 +1,23 @@
 """The backtest driver: candles through the very engines that trade, candle by candle.
 
-For each closed candle, across symbols in close-time order (then by symbol):
+For each close time, the candles of every symbol that close then (in symbol order): first
+the fills of each (step 1-2), then each one's close, candle and signals (steps 3-5), as a
+venue trades every symbol at once before the strategy sees the closes.
 
 1. **Fills.** The orders of the candle's symbol meet the candle's price path, the
    simulator's documented path: ``open -> first extreme -> second extreme -> close``, the
    high first when the candle closes down (``close < open``), else the low first
    (:func:`gridstream.core.fills.path_vertices`). Vertex ``k`` is at
-   ``open_time + k x interval / 3``; an order takes part from ``submitted + latency_ms``.
+   ``open_time + k x interval / 4`` (:func:`gridstream.core.fills.vertex_times`: the
+   simulator's tape with 4 trades per candle); an order takes part from ``submitted +
+   latency_ms``.
 
    * A MARKET order fills as taker at the first vertex it is active at, moved against it
      by ``slippage_bps``.
-   * A LIMIT order that would cross when it becomes active fills as taker at that price.
-     Otherwise it rests and fills as maker at its own price once the path reaches it:
+   * A LIMIT order that would cross where it reaches the book fills as taker at that
+     price: with no latency it reaches the book when it is submitted, at the last trade
+     (the candle's close); with latency, at the first vertex it is active at. Otherwise
+     it rests and fills as maker at its own price once the path reaches it:
      on touch (``queue="touch"``: a BUY at ``P`` when the path trades at ``<= P``), or
      only when the price trades through it by one tick (``queue="through"``: ``<= P -
      tick``). Resting orders fill in the order the path meets them.
@@ -21,14 +27,18 @@ For each closed candle, across symbols in close-time order (then by symbol):
      fills whole.
    * Fees: ``maker_fee`` / ``taker_fee`` (per symbol if given), charged in the asset
      received (Binance's rule) or, with ``fee_in_quote``, always in the quote asset.
-2. Each fill goes to the portfolio, then to the strategy as an ``OrderFilled``.
+2. Each fill goes to the portfolio, then (to the risk engine and) to the strategy as an
+   ``OrderFilled``; what the strategy decides on it is submitted at the close vertex.
 3. The candle's close marks the portfolio; equity is recorded once per close time.
 4. The candle goes to the strategy; for a strategy that decides on signals, it first
    goes to the signal engine, and each signal to the strategy.
-5. Intents: ``cancel`` takes the order off the book (``OrderCanceled``); ``place`` is
-   checked (a BUY the quote balance cannot pay, a SELL above what is held: rejected with
-   an ``OrderRejected``), then queued, submitted at the candle's close; a resting LIMIT
-   order is ``OrderAccepted`` at once.
+5. Intents go first to the risk engine when the run has one (the services' rules and the
+   venue's filters; a rejection is an ``OrderRejected``), then to the venue: ``cancel``
+   takes the order off the book (``OrderCanceled``); ``place`` is checked as the venue
+   does (a BUY needs its notional free in the quote asset, plus the fee when fees are
+   paid in the quote asset; a SELL its quantity free in the base asset; else rejected),
+   then queued, submitted at the candle's close; a resting LIMIT order is
+   ``OrderAccepted`` at once.
 
 Everything is a pure function of the candles, the settings and the strategy: the same
 inputs give the same fills, to the last digit.
@@ -39,7 +49,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Final, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -49,6 +59,7 @@ from gridstream.common.messages import (
     Candle,
     OrderAccepted,
     OrderCanceled,
+    OrderFailed,
     OrderFilled,
     OrderIntent,
     OrderRejected,
@@ -56,8 +67,9 @@ from gridstream.common.messages import (
     Side,
     deterministic_id,
 )
-from gridstream.core.fills import path_vertices, would_cross_on_arrival
+from gridstream.core.fills import commission, path_vertices, vertex_times, would_cross_on_arrival
 from gridstream.core.portfolio import Portfolio
+from gridstream.core.risk import RiskEngine
 from gridstream.core.signals.batch import SignalSource
 from gridstream.core.signals.engine import SignalEngine
 from gridstream.core.strategies.base import Strategy
@@ -345,10 +357,6 @@ class BacktestResult:
     fill_settings: FillSettings
 
 
-def _q(value: Decimal, places: int) -> Decimal:
-    return value.quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
-
-
 class Backtester:
     """Holds the book, the portfolio and the engines of one run."""
 
@@ -362,6 +370,7 @@ class Backtester:
         signals: SignalSource | None = None,
         interval_ms: int = 60_000,
         record_levels: bool = True,
+        risk: RiskEngine | None = None,
     ) -> None:
         quotes = {q for _b, q in symbols.values()}
         if len(quotes) != 1:
@@ -372,6 +381,9 @@ class Backtester:
         self.fill = fill or FillSettings()
         self.portfolio = Portfolio.start(quotes.pop(), cash, symbols)
         self.signals: SignalSource = signals if signals is not None else SignalEngine()
+        #: The risk engine every intent goes through first, as in the services (None: the
+        #: venue's balance checks only).
+        self.risk = risk
         self.interval_ms = interval_ms
         self.book: dict[str, dict[str, _Order]] = {s: {} for s in self.symbols}
         self.known: set[str] = set()
@@ -396,15 +408,19 @@ class Backtester:
             return ((c.close_time, sym, c) for c in it)
 
         merged = heapq.merge(*(keyed(s, candles[s]) for s in sorted(candles)))
+        group: list[Candle] = []
         last_time: int | None = None
         for n, (close_time, _sym, c) in enumerate(merged, 1):
             if last_time is not None and close_time != last_time:
+                self.step_all(group)
                 self._record(last_time)
+                group = []
             last_time = close_time
-            self.step(c)
+            group.append(c)
             if progress is not None and n % 10_000 == 0:
                 progress(10_000)
         if last_time is not None:
+            self.step_all(group)
             self._record(last_time)
         return self.result()
 
@@ -432,19 +448,22 @@ class Backtester:
         changes: list[tuple[int, Decimal, list[Decimal]]] = []
         while heap:
             j = heapq.heappop(heap)
+            stepped: dict[str, Candle] = {}
             for s in syms:
-                candle: Candle | None = None
                 if self.book[s]:
-                    candle = bars[s].candle(j)
+                    candle = stepped[s] = bars[s].candle(j)
+                    self.last_close[s] = candle.close
                     for event in self._fills_in(candle):
-                        self._feed(event, candle)
+                        self._feed(event, self._fills_time(candle))
+            for s in syms:
                 value = int(decisions[s][j])
                 if value:
-                    candle = candle or bars[s].candle(j)
+                    candle = stepped.get(s) or bars[s].candle(j)
+                    self.last_close[s] = candle.close
                     pf.mark(s, candle.close)
                     for intent in strategy.on_decision(candle, value):
-                        for reply in self._submit(intent, candle.close_time + 1):
-                            self._feed(reply, candle)
+                        for reply in self._submit(intent, candle.close_time):
+                            self._feed(reply, candle.close_time)
                 if self.book[s] and j + 1 < n and j + 1 not in queued:
                     queued.add(j + 1)
                     heapq.heappush(heap, j + 1)
@@ -511,21 +530,41 @@ class Backtester:
 
     def step(self, c: Candle) -> None:
         """One closed candle: fills, marks, the strategy's decisions."""
-        self.candles += 1
-        self.first_open.setdefault(c.symbol, c.open)
-        self.last_close[c.symbol] = c.close
-        for event in self._fills_in(c):
-            self._feed(event, c)
-        self.portfolio.mark(c.symbol, c.close)
-        self._feed(c, c)
-        if self.strategy.wants_signals:
-            for sig in self.signals.on_candle(c):
-                self._feed(sig, c)
+        self.step_all((c,))
 
-    def _feed(self, msg: AnyMessage, c: Candle) -> None:
-        for intent in self.strategy.on_message(msg):
-            for reply in self._submit(intent, c.close_time + 1):
-                self._feed(reply, c)
+    def step_all(self, group: Sequence[Candle]) -> None:
+        """The candles of every symbol that close at one time: first each symbol's fills
+        (the whole path of each candle trades before anything else happens, as a venue
+        trades every symbol at once), then each candle's close, candle and signals."""
+        for c in group:
+            self.candles += 1
+            self.first_open.setdefault(c.symbol, c.open)
+            self.last_close[c.symbol] = c.close
+            for event in self._fills_in(c):
+                self._feed(event, self._fills_time(c))
+        for c in group:
+            self.portfolio.mark(c.symbol, c.close)
+            self._feed(c, c.close_time)
+            if self.strategy.wants_signals:
+                for sig in self.signals.on_candle(c):
+                    self._feed(sig, c.close_time)
+
+    def _fills_time(self, c: Candle) -> int:
+        """When what a candle's fills lead to is decided: at its last trade (the close
+        vertex), as on a venue that has just printed it."""
+        return vertex_times(c.open_time, c.close_time + 1 - c.open_time)[3]
+
+    def _feed(self, msg: AnyMessage, now_ms: int) -> None:
+        """One message to the risk engine (executions) and the strategy; intents are
+        submitted at ``now_ms`` and their replies fed back the same way."""
+        if self.risk is not None and isinstance(
+            msg, OrderAccepted | OrderCanceled | OrderFilled | OrderFailed
+        ):
+            self.risk.on_execution(msg)
+        intents = self.strategy.on_message(msg)
+        if intents:
+            for reply in self._submit_all(intents, now_ms):
+                self._feed(reply, now_ms)
 
     def _record(self, time_ms: int) -> None:
         positions = self.portfolio.positions
@@ -569,6 +608,30 @@ class Backtester:
         return r
 
     def _submit(self, intent: OrderIntent, now_ms: int) -> list[AnyMessage]:
+        return self._submit_all((intent,), now_ms)
+
+    def _submit_all(self, intents: Sequence[OrderIntent], now_ms: int) -> list[AnyMessage]:
+        """The intents of one decision at ``now_ms``: the risk engine judges them all, then
+        the venue takes the approved ones in order, then their replies go back. As in the
+        services, risk sees none of these replies (a cancel's release of what its order
+        held, say) before it has judged every intent of the decision."""
+        replies: list[AnyMessage] = []
+        approved: Sequence[OrderIntent] = intents
+        if self.risk is not None:
+            approved = []
+            for intent in intents:
+                verdict = self.risk.on_intent(intent, now_ms * 1_000_000)
+                if isinstance(verdict, OrderRejected):
+                    self.rejected.append(verdict)
+                    replies.append(verdict)
+                else:
+                    approved.append(intent)
+        for intent in approved:
+            replies.extend(self._venue(intent, now_ms))
+        return replies
+
+    def _venue(self, intent: OrderIntent, now_ms: int) -> list[AnyMessage]:
+        """One approved intent at the venue: its checks, the book, a fill on arrival."""
         book = self.book[intent.symbol]
         coid = intent.client_order_id
         ts = now_ms * 1_000_000
@@ -596,7 +659,10 @@ class Backtester:
                 (o.intent.price * o.remaining for o in book.values() if o.intent.side == "BUY"),
                 ZERO,
             )
-            need = intent.price * intent.qty * (ONE + self.fill.fees(intent.symbol)[1])
+            # the venue locks the order's notional; a fee paid in the quote asset on top
+            need = intent.price * intent.qty
+            if self.fill.fee_in_quote:
+                need *= ONE + self.fill.fees(intent.symbol)[1]
             if pf.balance(quote) - committed < need:
                 return [
                     self._reject(
@@ -623,7 +689,7 @@ class Backtester:
         if self.record_levels:
             self.levels[intent.symbol].append((now_ms, intent.side, intent.price))
         order.accepted = True
-        return [
+        replies: list[AnyMessage] = [
             OrderAccepted(
                 id=deterministic_id("accepted", coid),
                 ts_event=ts,
@@ -636,6 +702,16 @@ class Backtester:
                 qty=intent.qty,
             )
         ]
+        last = self.last_close.get(intent.symbol)
+        if not self.fill.latency_ms and last is not None:
+            # it reaches the book now, where the last trade printed: a limit order that
+            # crosses there takes liquidity at that price (as the venue fills it)
+            order.arrived = True
+            if would_cross_on_arrival(intent.side, intent.price, last):
+                _maker, taker = self.fill.fees(intent.symbol)
+                replies.append(self._fill(order, last, order.remaining, "taker", taker, now_ms))
+                book.pop(coid, None)
+        return replies
 
     # -- fills ----------------------------------------------------------------------------------
     def _fills_in(self, c: Candle) -> list[OrderFilled]:
@@ -648,9 +724,7 @@ class Backtester:
         if _quiet(book, c, through):
             return []
         vertices = path_vertices(c.open, c.high, c.low, c.close)
-        span = c.close_time + 1 - c.open_time
-        t0 = c.open_time
-        times = (t0, t0 + span // 3, t0 + (2 * span) // 3, c.close_time)
+        times = vertex_times(c.open_time, c.close_time + 1 - c.open_time)
         budget = c.volume * fs.volume_share if fs.volume_share is not None else None
         out: list[OrderFilled] = []
         for k in range(4):
@@ -710,11 +784,10 @@ class Backtester:
     ) -> OrderFilled:
         it = o.intent
         base, quote = self.assets[it.symbol]
-        places = self.fill.fee_places
-        if self.fill.fee_in_quote or it.side == "SELL":
-            fee, fee_asset = _q(price * qty * rate, places), quote
-        else:
-            fee, fee_asset = _q(qty * rate, places), base
+        in_quote = self.fill.fee_in_quote or it.side == "SELL"
+        # the venue's commission rule; a SELL's is the quote-asset one
+        fee = commission("SELL" if in_quote else "BUY", price, qty, rate, self.fill.fee_places)
+        fee_asset = quote if in_quote else base
         o.filled += qty
         self._trade_no += 1
         self.portfolio.apply_fill(it.symbol, it.side, price, qty, fee, fee_asset)

@@ -62,6 +62,28 @@ def path_vertices(
     return (open_, low, high, close)
 
 
+#: The path's vertices are the first four trades of a candle spread evenly over its
+#: interval: a simulator printing ``PATH_TRADES`` trades per candle prints exactly the
+#: vertices, at the times the backtester fills at (the replay-parity setting).
+PATH_TRADES = 4
+
+
+def trade_time(open_time: int, interval_ms: int, index: int, count: int) -> int:
+    """Time (ms) of trade ``index`` of ``count`` spread evenly over a candle: the
+    simulator's synthetic tape and the backtester's vertex times."""
+    return open_time + index * interval_ms // count
+
+
+def vertex_times(open_time: int, interval_ms: int) -> tuple[int, int, int, int]:
+    """When the path is at each of its four vertices (:data:`PATH_TRADES` trades)."""
+    return (
+        open_time,
+        trade_time(open_time, interval_ms, 1, PATH_TRADES),
+        trade_time(open_time, interval_ms, 2, PATH_TRADES),
+        trade_time(open_time, interval_ms, 3, PATH_TRADES),
+    )
+
+
 def crosses(side: Side, limit_price: Decimal, trade_price: Decimal) -> bool:
     """True when a trade at ``trade_price`` reaches a limit order at ``limit_price``."""
     if side == "BUY":

@@ -166,7 +166,7 @@ def synth_trades(c: Candle, n: int, tick: Decimal) -> list[SynthTrade]:
     for i, p in enumerate(prices):
         out.append(
             SynthTrade(
-                time=c.open_time + i * c.interval_ms // n,
+                time=fill_rules.trade_time(c.open_time, c.interval_ms, i, n),
                 price=p,
                 qty=last_q if i == n - 1 else q,
                 buyer_maker=p < prev,

@@ -267,6 +267,8 @@ class Engine:
             elif ser.candles:
                 self.last_price[s] = ser.candles[-1].close
         self.rejected_reports: list[UserEvent] = []
+        #: Closed candles published per symbol.
+        self.closed_candles: dict[str, int] = dict.fromkeys(self.symbols, 0)
         self._trades_cache = lru_cache(maxsize=4096)(self._trades_uncached)
 
     # ------------------------------------------------------------------ replay
@@ -312,6 +314,15 @@ class Engine:
         self._fill_schedule()
         return self._sched[0].time if self._sched else None
 
+    def closes_next(self) -> bool:
+        """True when the next step publishes closed candles (every trade of their minute
+        has been printed)."""
+        self._fill_schedule()
+        if not self._sched:
+            return False
+        t = self._sched[0].time
+        return any(it.time == t and it.kind == "kline_closed" for it in self._sched)
+
     def step(self) -> list[Event]:
         """Process every scheduled item at the next timestamp; return what to publish."""
         t = self.peek_time()
@@ -328,6 +339,7 @@ class Engine:
                 out.append(self._kline_event(it.symbol, it.candle, closed, t))
                 if closed:
                     self._forming[it.symbol] = []
+                    self.closed_candles[it.symbol] += 1
         if self.done:
             self.clock_ms = max(self.clock_ms, self.window_end - 1)
         return out
@@ -992,6 +1004,7 @@ class Engine:
             "orders": len(self.orders),
             "open_orders": sum(1 for o in self.orders.values() if o.is_open),
             "fills": len(self.fills),
+            "closed_candles": dict(self.closed_candles),
         }
 
 

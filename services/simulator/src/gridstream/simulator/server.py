@@ -36,7 +36,7 @@ from aiohttp import WSMsgType, web
 from gridstream.common.metrics import PATH_LIVE, health_body
 
 from .data import CandleSeries, first_open_time, load_candles, load_file
-from .engine import ApiError, Engine, Event, MarketEvent, UserEvent, missing
+from .engine import ApiError, Engine, Event, MarketEvent, UserEvent, fmt, missing
 from .ratelimit import RateLimiter, banned_msg, too_much_weight_msg
 from .settings import FaultSpec, SimSettings
 from .symbols import SymbolSpec, derived_spec, exchange_info, load_specs
@@ -140,6 +140,8 @@ class Subscriber:
     closed: bool = False
     silenced_until: float = 0.0  # loop time; frames dequeued before it are dropped
     discarded: int = 0
+    #: A frame taken off the queue and not yet written.
+    sending: bool = False
     sent: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=REPEAT_MEMORY)
     )
@@ -186,6 +188,35 @@ class Simulator:
         self._bg: set[asyncio.Task[Any]] = set()
         if not settings.wait_for_clients:
             self.clients_event.set()
+        #: REST requests being handled now (a lockstep driver waits for none).
+        self.requests_in_flight = 0
+        #: Lockstep: the barrier the replay waits at (0: before the first step), whether
+        #: it waits now, and what it waits after ("start", "trades" or "closes").
+        self.barrier = 0
+        self.paused = False
+        self.pause_phase = ""
+        self._resume = asyncio.Event()
+
+    # ------------------------------------------------------------ lockstep
+    async def _pause(self, phase: str) -> None:
+        """Wait at the next barrier until :meth:`resume` (lockstep only)."""
+        self.barrier += 1
+        self.pause_phase = phase
+        self.paused = True
+        self._resume.clear()
+        await self._resume.wait()
+        self.paused = False
+
+    def resume(self, barrier: int) -> bool:
+        """Let the replay go on from ``barrier`` (False when it does not wait there)."""
+        if not self.paused or barrier != self.barrier:
+            return False
+        self._resume.set()
+        return True
+
+    def unsent_frames(self) -> int:
+        """Frames queued for a websocket client and not yet written."""
+        return sum(s.queue.qsize() + s.sending for s in self.subs if not s.closed)
 
     # ------------------------------------------------------------ connections
     def add_sub(self, sub: Subscriber) -> None:
@@ -282,6 +313,10 @@ class Simulator:
         loop = asyncio.get_running_loop()
         wall0 = loop.time()
         log.info("replay started at %d, speed %s", eng.window_start, speed)
+        lockstep = self.settings.lockstep
+        if lockstep:
+            await self._pause("start")
+        fills_seen = len(eng.fills)
         while True:
             if speed == 0 and not self.market_event.is_set():
                 # "as fast as consumers take": with no market-data client connected the
@@ -292,14 +327,23 @@ class Simulator:
             t = eng.peek_time()
             if t is None:
                 break
-            if speed > 0:
+            if speed > 0 and not lockstep:
                 delay = wall0 + (t - eng.window_start) / speed / 1000 - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
             if self.fire_due_faults(t) and speed == 0 and not self.market_event.is_set():
                 continue  # a drop just left nobody to replay to: wait for a client first
+            closes = lockstep and eng.closes_next()
+            if closes and len(eng.fills) != fills_seen:
+                # the minute's trades filled orders: the driver lets their fills reach
+                # everything downstream before the closes go out
+                await self._pause("trades")
+                fills_seen = len(eng.fills)
             await self.publish(eng.step())
-            if speed == 0:
+            if closes:
+                await self._pause("closes")
+                fills_seen = len(eng.fills)
+            elif speed == 0:
                 await asyncio.sleep(0)
         log.info("replay window done at %d", eng.clock_ms)
 
@@ -421,6 +465,14 @@ async def _middleware(request: web.Request, handler: Handler) -> web.StreamRespo
     sim = request.app[SIM_KEY]
     if _unmetered(request.path):
         return await handler(request)
+    sim.requests_in_flight += 1
+    try:
+        return await _metered(sim, request, handler)
+    finally:
+        sim.requests_in_flight -= 1
+
+
+async def _metered(sim: Simulator, request: web.Request, handler: Handler) -> web.StreamResponse:
     lim = sim.limiter
     v = lim.charge(request.remote or "?", request_weight(request), sim.wall())
     if v.status == 429:
@@ -605,9 +657,43 @@ async def sim_status(request: web.Request) -> web.Response:
             "user_clients": sum(1 for s in sim.subs if s.user),
             "faults": sim.faults_fired,
             "faults_pending": len(sim._fault_queue),
+            "lockstep": sim.settings.lockstep,
+            "barrier": sim.barrier,
+            "paused": sim.paused,
+            "pause_phase": sim.pause_phase,
+            "requests_in_flight": sim.requests_in_flight,
+            "unsent_frames": sim.unsent_frames(),
         }
     )
     return _json(st)
+
+
+async def sim_resume(request: web.Request) -> web.Response:
+    """``POST /sim/resume`` ``{"barrier": N}``: a lockstep replay waiting at barrier ``N``
+    goes on to the next one; ``{"ok": false}`` (409) when it does not wait there."""
+    sim = request.app[SIM_KEY]
+    try:
+        barrier = int((await request.json())["barrier"])
+    except (ValueError, KeyError, TypeError):
+        return _json({"ok": False, "error": 'expected JSON {"barrier": N}'}, 400)
+    if not sim.resume(barrier):
+        return _json({"ok": False, "barrier": sim.barrier, "paused": sim.paused}, 409)
+    return _json({"ok": True})
+
+
+async def sim_orders(request: web.Request) -> web.Response:
+    """Every order the account placed: client id, status and executed quantity."""
+    return _json(
+        [
+            {
+                "symbol": o.symbol,
+                "clientOrderId": o.client_order_id,
+                "status": o.status,
+                "executedQty": fmt(o.executed_qty),
+            }
+            for o in request.app[SIM_KEY].engine.orders.values()
+        ]
+    )
 
 
 FAULT_API_KINDS = ("drop", "silence", "repeat")
@@ -672,10 +758,14 @@ async def _serve_ws(request: web.Request, sub: Subscriber) -> web.WebSocketRespo
     async def sender() -> None:
         while True:
             text = await sub.queue.get()
-            if sub.silenced_until and loop.time() < sub.silenced_until:
-                sub.discarded += 1  # a stalled connection loses these frames
-                continue
-            await sub.send(text, remember=not sub.user)
+            sub.sending = True
+            try:
+                if sub.silenced_until and loop.time() < sub.silenced_until:
+                    sub.discarded += 1  # a stalled connection loses these frames
+                    continue
+                await sub.send(text, remember=not sub.user)
+            finally:
+                sub.sending = False
 
     task = asyncio.create_task(sender())
     try:
@@ -756,6 +846,8 @@ def make_app(sim: Simulator) -> web.Application:
     r.add_get("/sim/balances", sim_balances)
     r.add_post("/sim/start", sim_start)
     r.add_post("/sim/fault", sim_fault)
+    r.add_post("/sim/resume", sim_resume)
+    r.add_get("/sim/orders", sim_orders)
     r.add_get("/stream", ws_combined)
     r.add_get("/ws", ws_raw)
     r.add_get("/ws/{tail:.*}", ws_raw)

@@ -74,6 +74,8 @@ class SimSettings(msgspec.Struct, frozen=True, kw_only=True):
     api_secret: str = "sim-secret"
     trades_per_candle: int = 8
     wait_for_clients: bool = True
+    #: Replay in lockstep with a driver: pause at every barrier until ``POST /sim/resume``.
+    lockstep: bool = False
     maker_fee: Decimal = Decimal("0.001")
     taker_fee: Decimal = Decimal("0.001")
     # replay any candle/trade file: SYMBOL -> path (GS_SIM_FILES)
@@ -109,6 +111,11 @@ SIM_VARIABLES: Final[tuple[tuple[str, str, str], ...]] = (
     ("GS_SIM_API_SECRET", "api_secret", "API secret signatures are checked with (secret)"),
     ("GS_SIM_TRADES_PER_CANDLE", "trades_per_candle", "synthetic trades per 1m candle"),
     ("GS_SIM_WAIT_FOR_CLIENTS", "wait_for_clients", "hold the replay until a client connects"),
+    (
+        "GS_SIM_LOCKSTEP",
+        "lockstep",
+        "pause before and after each minute's closes until POST /sim/resume",
+    ),
     ("GS_SIM_MAKER_FEE", "maker_fee", "maker commission, a fraction"),
     ("GS_SIM_TAKER_FEE", "taker_fee", "taker commission, a fraction"),
     ("GS_SIM_WEIGHT_LIMIT", "weight_limit", "REST request weight per IP per window"),
@@ -310,6 +317,8 @@ def load_sim_settings(env: Mapping[str, str] | None = None) -> SimSettings:
         kw["trades_per_candle"] = _parse_int("GS_SIM_TRADES_PER_CANDLE", v, 4, 1000)
     if (v := e.get("GS_SIM_WAIT_FOR_CLIENTS")) is not None:
         kw["wait_for_clients"] = _parse_bool("GS_SIM_WAIT_FOR_CLIENTS", v)
+    if (v := e.get("GS_SIM_LOCKSTEP")) is not None:
+        kw["lockstep"] = _parse_bool("GS_SIM_LOCKSTEP", v)
     if (v := e.get("GS_SIM_MAKER_FEE")) is not None:
         kw["maker_fee"] = _parse_decimal("GS_SIM_MAKER_FEE", v)
     if (v := e.get("GS_SIM_TAKER_FEE")) is not None:

@@ -46,6 +46,7 @@ from typing import Any, Final
 import numpy as np
 import polars as pl
 
+from gridstream.common.binance.filters import SymbolFilters, parse_exchange_info
 from gridstream.common.binance.market import INTERVAL_MS
 from gridstream.core import performance
 from gridstream.core.backtest import (
@@ -56,6 +57,7 @@ from gridstream.core.backtest import (
     ColumnarStrategy,
     FillSettings,
 )
+from gridstream.core.risk import DEFAULT_MAX_EXPOSURE_QUOTE, RiskEngine
 from gridstream.core.signals.batch import BatchSignals, SeriesColumns, SignalSource
 from gridstream.core.signals.engine import SignalEngine
 from gridstream.core.strategies import (
@@ -339,6 +341,46 @@ def fill_settings(table: Mapping[str, Any], fee: str | None, slippage: str | Non
         raise BacktestError(f"fill settings: {exc}") from None
 
 
+def venue_filters(path: str | None, symbols: Sequence[str]) -> dict[str, SymbolFilters] | None:
+    """The symbols' filters from a saved ``GET /api/v3/exchangeInfo`` answer (None: none)."""
+    if path is None:
+        return None
+    try:
+        payload = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise BacktestError(f"--exchange-info {path}: {exc}") from None
+    filters = parse_exchange_info(payload, list(symbols))
+    missing = sorted(set(symbols) - set(filters))
+    if missing:
+        raise BacktestError(f"--exchange-info {path}: no filters for {', '.join(missing)}")
+    return filters
+
+
+def risk_engine(
+    table: Mapping[str, Any],
+    filters: Mapping[str, SymbolFilters] | None,
+    symbols: Sequence[str],
+    max_exposure: str | None,
+) -> RiskEngine | None:
+    """The risk service's engine for the run, when the venue's filters, ``--max-exposure``
+    or a ``[risk]`` table ask for it (else None: the venue's balance checks only)."""
+    unknown = sorted(set(table) - {"max_exposure_quote"})
+    if unknown:
+        raise BacktestError(f"[risk]: unknown key(s) {', '.join(unknown)}")
+    if filters is None and max_exposure is None and not table:
+        return None
+    text = max_exposure or str(table.get("max_exposure_quote", DEFAULT_MAX_EXPOSURE_QUOTE))
+    try:
+        limit = Decimal(text)
+    except InvalidOperation:
+        raise BacktestError(f"max exposure {text!r}: not a number") from None
+    if not limit > 0:
+        raise BacktestError(f"max exposure {text}: must be > 0")
+    # without the venue's filters every limit is "not set" (0): only risk's own rules
+    rules = dict(filters) if filters is not None else {s: SymbolFilters(symbol=s) for s in symbols}
+    return RiskEngine(rules, max_exposure_quote=limit)
+
+
 def parse_sets(items: Sequence[str]) -> dict[str, str]:
     out = {}
     for item in items:
@@ -443,8 +485,10 @@ def simulate(
     cash: Decimal,
     *,
     progress: bool | None = None,
+    risk: RiskEngine | None = None,
 ) -> BacktestResult:
-    """One run of ``strat`` over ``series``: columnar when it can be, else candle by candle."""
+    """One run of ``strat`` over ``series``: columnar when it can be, else candle by candle;
+    every intent through ``risk`` first when given."""
     first = next(iter(series.values()))
     symbols = {s: (base_asset(s), s[len(base_asset(s)) :]) for s in series}
     signals: SignalSource = SignalEngine(base=first.interval)
@@ -460,8 +504,9 @@ def simulate(
         fill=fill,
         interval_ms=first.interval_ms,
         signals=signals,
+        risk=risk,
     )
-    if columnar(strat, series):
+    if risk is None and columnar(strat, series):
         return bt.run_columnar(series)
     total = sum(len(s) for s in series.values())
     bar = None
@@ -493,6 +538,8 @@ def run(
     database_url: str | None = None,
     progress: bool | None = None,
     write: Any = None,
+    exchange_info: str | None = None,
+    max_exposure: str | None = None,
 ) -> dict[str, Any]:
     """Run one backtest and write ``out``; returns the metrics."""
     from .report import write_report
@@ -505,8 +552,9 @@ def run(
     series = load_candles(candles, database_url)
     interval = next(iter(series.values())).interval
     settings = with_interval(strategy, settings, interval)
+    filters = venue_filters(exchange_info, list(series))
     try:
-        strat = make(strategy, settings)
+        strat = make(strategy, settings, filters)
     except StrategySettingsError as exc:
         raise BacktestError(str(exc)) from None
     fill = fill_settings(cfg.get("fill", {}), fee, slippage_bps)
@@ -516,7 +564,8 @@ def run(
     except InvalidOperation:
         raise BacktestError(f"--cash {cash_text!r}: not a number") from None
     total = sum(len(s) for s in series.values())
-    result = simulate(strat, series, fill, start_cash, progress=progress)
+    risk = risk_engine(cfg.get("risk", {}), filters, list(series), max_exposure)
+    result = simulate(strat, series, fill, start_cash, progress=progress, risk=risk)
     metrics = performance.compute(result)
     metrics["strategy"] = strategy
     metrics["settings"] = settings

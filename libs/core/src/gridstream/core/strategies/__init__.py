@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from gridstream.common.binance.filters import SymbolFilters
 from gridstream.core.strategies.base import Strategy, StrategySettingsError, StrategySpec
 from gridstream.core.strategies.grid import STRATEGY_NAME as GRID
 from gridstream.core.strategies.grid import GridEngine, GridParams
@@ -25,14 +26,19 @@ STRATEGIES: Final[dict[str, StrategySpec]] = {
 }
 
 
-def make(name: str, settings: dict[str, str] | None = None) -> Strategy:
-    """Build a strategy by name from text settings; the error names what is wrong."""
+def make(
+    name: str,
+    settings: dict[str, str] | None = None,
+    filters: Mapping[str, SymbolFilters] | None = None,
+) -> Strategy:
+    """Build a strategy by name from text settings (and the venue's ``filters``, for its
+    tick and step sizes); the error names what is wrong."""
     spec = STRATEGIES.get(name)
     if spec is None:
         raise StrategySettingsError(
             f"unknown strategy {name!r} (known: {', '.join(sorted(STRATEGIES))})"
         )
-    return spec.make(settings or {})
+    return spec.make(settings or {}, filters)
 
 
 def with_interval(name: str, settings: Mapping[str, str], interval: str) -> dict[str, str]:

@@ -9,10 +9,11 @@ backtester and replay drive it the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol, get_type_hints
 
+from gridstream.common.binance.filters import SymbolFilters
 from gridstream.common.messages import AnyMessage, OrderIntent
 
 
@@ -44,8 +45,23 @@ class StrategySpec:
         obj = self.params()
         return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
-    def make(self, settings: Mapping[str, str]) -> Strategy:
-        return self.build(parse_params(self.params, settings, self.name))
+    def make(
+        self, settings: Mapping[str, str], filters: Mapping[str, SymbolFilters] | None = None
+    ) -> Strategy:
+        """The strategy from text settings; a strategy that rounds to the venue's price
+        tick and quantity step (``tick_sizes`` / ``step_sizes`` settings) takes them from
+        ``filters`` unless its settings name them."""
+        params = parse_params(self.params, settings, self.name)
+        names = {f.name for f in fields(params)}
+        if filters and {"tick_sizes", "step_sizes"} <= names:
+            ticks = {s: f.tick_size for s, f in filters.items() if f.tick_size > 0}
+            steps = {s: f.step_size for s, f in filters.items() if f.step_size > 0}
+            params = replace(
+                params,
+                tick_sizes={**ticks, **params.tick_sizes},
+                step_sizes={**steps, **params.step_sizes},
+            )
+        return self.build(params)
 
 
 def parse_params(cls: type, settings: Mapping[str, str], owner: str) -> Any:
