@@ -12,7 +12,7 @@ The SMAs are exact: running sums of the ``Decimal`` closes, compared without div
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,7 @@ from gridstream.common.messages import (
     Side,
     deterministic_id,
 )
-from gridstream.core.strategies.grid import base_asset
+from gridstream.core.portfolio import FillBook
 
 if TYPE_CHECKING:
     from gridstream.core.backtest import Bars
@@ -66,9 +66,7 @@ class _SymbolState:
     slow_sum: Decimal = ZERO
     #: sign of (fast - slow) on the previous candle: -1, 0, 1, or None before both exist
     prev: int | None = None
-    position: Decimal = ZERO
     pending: str | None = None
-    seen_trades: set[str] = field(default_factory=set)
 
 
 class SmaCross:
@@ -78,6 +76,9 @@ class SmaCross:
     def __init__(self, params: SmaCrossParams | None = None) -> None:
         self.params = params or SmaCrossParams()
         self._state: dict[str, _SymbolState] = {}
+        #: What it holds: the kernel's portfolio of its fills (each trade once; a fee in
+        #: the base asset reduces the position).
+        self.book = FillBook()
 
     def _st(self, symbol: str) -> _SymbolState:
         st = self._state.get(symbol)
@@ -90,11 +91,7 @@ class SmaCross:
             return self.on_candle(msg)
         if isinstance(msg, OrderFilled):
             st = self._st(msg.symbol)
-            if msg.trade_id not in st.seen_trades:
-                st.seen_trades.add(msg.trade_id)
-                st.position += msg.qty if msg.side == "BUY" else -msg.qty
-                if msg.fee_asset == base_asset(msg.symbol):
-                    st.position -= msg.fee
+            self.book.on_fill(msg)
             if st.pending == msg.client_order_id:
                 st.pending = None
         elif isinstance(msg, OrderRejected | OrderFailed):
@@ -137,10 +134,11 @@ class SmaCross:
         st = self._st(c.symbol)
         if st.pending is not None:
             return []
-        if value == UP and st.position <= 0:
+        held = self.book.qty(c.symbol)
+        if value == UP and held <= 0:
             return [self._order(c, "BUY", self.params.qty)]
-        if value == DOWN and st.position > 0:
-            return [self._order(c, "SELL", st.position)]
+        if value == DOWN and held > 0:
+            return [self._order(c, "SELL", held)]
         return []
 
     def decision_bars(self, bars: Bars) -> np.ndarray:
