@@ -25,6 +25,7 @@ def test_defaults_and_parsing() -> None:
     )
     assert s.balances == {"USDT": Decimal(700)}
     assert s.wait_for_clients is True
+    assert s.lockstep is False
     assert s.data_path.name == "klines"
     s = load_sim_settings(
         {
@@ -32,11 +33,13 @@ def test_defaults_and_parsing() -> None:
             "GS_SIM_BALANCES": "USDT=1000, btc=0.5",
             "GS_SIM_SYMBOLS": "solusdt,XRPUSDT",
             "GS_SIM_WAIT_FOR_CLIENTS": "false",
+            "GS_SIM_LOCKSTEP": "true",
         }
     )
     assert s.start_ms == 1774310400000
     assert s.balances == {"USDT": Decimal(1000), "BTC": Decimal("0.5")}
     assert s.symbols == ("SOLUSDT", "XRPUSDT")
+    assert s.lockstep is True
     assert load_sim_settings({"GS_SIM_START": "1774310400000"}).start_ms == 1774310400000
 
 
@@ -50,6 +53,7 @@ def test_defaults_and_parsing() -> None:
         ("GS_SIM_BALANCES", "USDT"),
         ("GS_SIM_SYMBOLS", "DOGEUSDT"),
         ("GS_SIM_WAIT_FOR_CLIENTS", "maybe"),
+        ("GS_SIM_LOCKSTEP", "maybe"),
         ("GS_SIM_MAKER_FEE", "abc"),
         ("GS_SIM_TRADES_PER_CANDLE", "2"),
     ],
@@ -84,8 +88,9 @@ def test_module_entry_point_serves_and_stops_on_sigterm() -> None:
             proc.kill()
 
 
-def test_bad_setting_exits_with_message() -> None:
-    env = {**os.environ, "GS_SIM_SPEED": "fast"}
+@pytest.mark.parametrize(("var", "value"), [("GS_SIM_SPEED", "fast"), ("GS_SIM_LOCKSTEP", "maybe")])
+def test_bad_setting_exits_with_message(var: str, value: str) -> None:
+    env = {**os.environ, var: value}
     r = subprocess.run(
         [sys.executable, "-m", "gridstream.simulator"],
         env=env,
@@ -95,7 +100,7 @@ def test_bad_setting_exits_with_message() -> None:
         check=False,
     )
     assert r.returncode == 2
-    assert "GS_SIM_SPEED" in r.stderr
+    assert var in r.stderr
 
 
 def test_history_hours_moves_the_default_window_start() -> None:
