@@ -67,6 +67,7 @@ from gridstream.common.messages import (
     Side,
     deterministic_id,
 )
+from gridstream.core import orders as om
 from gridstream.core.fills import commission, path_vertices, vertex_times, would_cross_on_arrival
 from gridstream.core.portfolio import Portfolio
 from gridstream.core.risk import RiskEngine
@@ -297,14 +298,18 @@ class ColumnarStrategy(Protocol):
 class _Order:
     intent: OrderIntent
     active_from_ms: int
-    filled: Decimal = ZERO
-    accepted: bool = False
+    #: Its status and filled quantity, as the kernel's order state machine decides them.
+    state: om.OrderState
     #: It has reached the book (at the first vertex it was active at).
     arrived: bool = False
 
     @property
+    def filled(self) -> Decimal:
+        return self.state.filled_qty
+
+    @property
     def remaining(self) -> Decimal:
-        return self.intent.qty - self.filled
+        return self.state.remaining_qty
 
 
 def _reached(it: OrderIntent, lo: Decimal, hi: Decimal, through: Decimal) -> bool:
@@ -355,6 +360,8 @@ class BacktestResult:
     last_close: dict[str, Decimal]
     candles: int
     fill_settings: FillSettings
+    #: Every order's final state (the order state machine's), by client order id.
+    orders: dict[str, om.OrderState] = field(default_factory=dict)
 
 
 class Backtester:
@@ -386,7 +393,8 @@ class Backtester:
         self.risk = risk
         self.interval_ms = interval_ms
         self.book: dict[str, dict[str, _Order]] = {s: {} for s in self.symbols}
-        self.known: set[str] = set()
+        #: Every order placed, by client order id (its final state: ``.state``).
+        self.orders: dict[str, _Order] = {}
         self.fills: list[Fill] = []
         self.equity = EquityCurve(self.symbols)
         self.rejected: list[OrderRejected] = []
@@ -589,6 +597,7 @@ class Backtester:
             last_close=self.last_close,
             candles=self.candles,
             fill_settings=self.fill,
+            orders={coid: o.state for coid, o in self.orders.items()},
         )
 
     # -- orders -------------------------------------------------------------------------------
@@ -639,6 +648,8 @@ class Backtester:
             gone = book.pop(coid, None)
             if gone is None:
                 return []
+            self._move(gone, om.CancelRequested(ts_event=ts))
+            self._move(gone, om.Canceled(ts_event=ts, venue_order_id=coid))
             return [
                 OrderCanceled(
                     id=deterministic_id("canceled", coid),
@@ -650,7 +661,7 @@ class Backtester:
                     filled_qty=gone.filled,
                 )
             ]
-        if coid in self.known:
+        if coid in self.orders:
             return [self._reject(intent, Rejections.DUPLICATE_ORDER, f"{coid} was placed before")]
         base, quote = self.assets[intent.symbol]
         pf = self.portfolio
@@ -681,14 +692,18 @@ class Backtester:
                         f"{base} {pf.balance(base) - committed} free, {intent.qty} to sell",
                     )
                 ]
-        self.known.add(coid)
-        order = _Order(intent, active_from_ms=now_ms + self.fill.latency_ms)
+        order = _Order(
+            intent,
+            active_from_ms=now_ms + self.fill.latency_ms,
+            state=om.submit(coid, intent.qty, ts_event=ts, deadline_ns=ts),
+        )
+        self.orders[coid] = order
         book[coid] = order
         if intent.order_type == OrderTypes.MARKET:
             return []
         if self.record_levels:
             self.levels[intent.symbol].append((now_ms, intent.side, intent.price))
-        order.accepted = True
+        self._move(order, om.Accepted(ts_event=ts, venue_order_id=coid))
         replies: list[AnyMessage] = [
             OrderAccepted(
                 id=deterministic_id("accepted", coid),
@@ -773,6 +788,17 @@ class Backtester:
                 o.arrived = False
         return out
 
+    @staticmethod
+    def _move(o: _Order, event: om.OrderEvent) -> None:
+        """One event of an order through the order state machine. The backtest's venue
+        sends each event once and in order: a refusal is a bug, and stops the run."""
+        t = om.apply(o.state, event)
+        if not t.applied:
+            raise RuntimeError(
+                f"{o.intent.client_order_id}: {event.kind} refused ({t.verdict}): {t.reason}"
+            )
+        o.state = t.state
+
     def _fill(
         self,
         o: _Order,
@@ -788,8 +814,13 @@ class Backtester:
         # the venue's commission rule; a SELL's is the quote-asset one
         fee = commission("SELL" if in_quote else "BUY", price, qty, rate, self.fill.fee_places)
         fee_asset = quote if in_quote else base
-        o.filled += qty
         self._trade_no += 1
+        self._move(
+            o,
+            om.Fill(
+                ts_event=now_ms * 1_000_000, qty=qty, price=price, trade_id=str(self._trade_no)
+            ),
+        )
         self.portfolio.apply_fill(it.symbol, it.side, price, qty, fee, fee_asset)
         self.fills.append(
             Fill(
