@@ -6,8 +6,10 @@ of ``--settings`` combinations (64: ``levels`` 1..8 x ``atr_mult`` 1.0..4.5), ru
 user runs it (a new ``gridstream sweep`` process, ``--out`` a CSV of every figure), once
 with ``--jobs 1`` (the reference: every run in the one process) and once with
 ``--jobs 2`` (a spawned pool of two, each loading the candles once). Prints both wall
-times, the speed-up (1-worker time / 2-worker time; perfect scaling is 2.00) and runs
-per second, and fails unless both runs give the same figures for every setting.
+times, the speed-up (1-worker time / 2-worker time; perfect scaling is 2.00), runs per
+second and the CPU each command used with its workers (CPU / wall: how many cores it
+really had, which shows a loaded machine), and fails unless both runs give the same
+figures for every setting.
 
     uv run python bench/sweep.py [--bars 35040] [--settings 64] [--symbol BTCUSDT]
 """
@@ -18,6 +20,7 @@ import argparse
 import csv
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -36,14 +39,20 @@ def grid_axes(settings: int) -> list[str]:
     return ["--grid", f"levels={levels}", "--grid", f"atr_mult={atr_mult}"]
 
 
-def sweep(candles: Path, axes: list[str], jobs: int, out: Path) -> tuple[float, str]:
-    """Wall seconds of the whole ``gridstream sweep`` command, and the table it printed."""
+def cpu_seconds() -> float:
+    """User + system CPU of the finished child processes (and theirs: the pool's workers)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def sweep(candles: Path, axes: list[str], jobs: int, out: Path) -> tuple[float, float, str]:
+    """Wall and CPU seconds of the whole ``gridstream sweep`` command, and its table."""
     cmd = [sys.executable, "-m", "gridstream.cli", "sweep", "--strategy", "grid"]
     cmd += ["--candles", str(candles), *axes, "--jobs", str(jobs), "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GS_")}
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     run = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
-    return time.perf_counter() - t0, run.stdout
+    return time.perf_counter() - t0, cpu_seconds() - c0, run.stdout
 
 
 def results(path: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -69,15 +78,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         candles = tiled_csv(args.symbol, args.bars, d, "15m")
-        one, table_one = sweep(candles, axes, 1, d / "one.csv")
-        two, table_two = sweep(candles, axes, 2, d / "two.csv")
+        one, cpu_one, table_one = sweep(candles, axes, 1, d / "one.csv")
+        two, cpu_two, table_two = sweep(candles, axes, 2, d / "two.csv")
         rows_one, rows_two = results(d / "one.csv"), results(d / "two.csv")
     n = args.settings
     print(
-        f"reference  gridstream sweep --jobs 1:  {one:8.2f} s  ({n / one:6.2f} settings/s, {one / n:5.2f} s wall per setting)"
+        f"reference  gridstream sweep --jobs 1:  {one:8.2f} s  ({n / one:6.3f} settings/s; CPU {cpu_one:7.1f} s, {cpu_one / one:.2f} cores busy)"
     )
     print(
-        f"gridstream sweep --jobs 2:             {two:8.2f} s  ({n / two:6.2f} settings/s, {two / n:5.2f} s wall per setting)"
+        f"gridstream sweep --jobs 2:             {two:8.2f} s  ({n / two:6.3f} settings/s; CPU {cpu_two:7.1f} s, {cpu_two / two:.2f} cores busy)"
     )
     print(f"speed-up 1 worker / 2 workers: {one / two:.2f}   (perfect scaling: 2.00)")
     errors = [k for k, r in rows_one.items() if r.get("error")]
