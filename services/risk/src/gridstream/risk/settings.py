@@ -5,12 +5,13 @@ from __future__ import annotations
 from decimal import Decimal
 
 from gridstream.common.settings import CommonSettings
+from gridstream.core.risk import DEFAULT_MAX_EXPOSURE_QUOTE
 
 
 class RiskSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Limits risk enforces on top of the exchange filters."""
 
-    max_exposure_quote: Decimal = Decimal(250)
+    max_exposure_quote: Decimal = DEFAULT_MAX_EXPOSURE_QUOTE
     exchange_info_retry_s: float = 2.0
 
     def __post_init__(self) -> None:
