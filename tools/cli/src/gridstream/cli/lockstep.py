@@ -16,23 +16,36 @@ then resumes it. Settled means, all at once:
 
 Each condition is caused by the one before it (a service acknowledges an entry only with
 its outputs written), so together they say that nothing is still on its way.
+
+``gridstream lockstep`` drives the replay of a running stack (``make run`` with
+``GS_SIM_LOCKSTEP=true``) to the end of its window: exit status 0 when the window is
+replayed, 1 with the reason when it cannot go on.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from gridstream.common import streams as S
 from gridstream.common.ledger import LedgerStatus
+from gridstream.common.settings import CommonSettings
+
+from .run import DEFAULT_SIM_PORT, SIM_HOST
 
 #: Simulator statuses of an order that still rests on the book.
 VENUE_OPEN = frozenset({"NEW", "PARTIALLY_FILLED", "PENDING_NEW"})
@@ -47,7 +60,11 @@ class LockstepError(RuntimeError):
 
 @dataclass
 class Progress:
+    #: Barriers resumed by this driver.
     barriers: int = 0
+    #: The simulator's number of the last barrier resumed (a driver started mid-replay
+    #: begins past 0).
+    barrier: int = 0
     fills: int = 0
     clock_ms: int = 0
 
@@ -162,6 +179,7 @@ class Lockstep:
                         if resp.status != 200:
                             raise LockstepError(f"resume refused: {await resp.text()}")
                     self.progress.barriers += 1
+                    self.progress.barrier = int(st["barrier"])
                     self.progress.fills = int(st["fills"])
                     self.progress.clock_ms = int(st["clock_ms"])
         finally:
@@ -184,7 +202,7 @@ class Lockstep:
             if check is not None:
                 check()
             st: dict[str, Any] = await self._sim(http, "/sim/status")
-            if st["paused"] and st["barrier"] > self.progress.barriers:
+            if st["paused"] and st["barrier"] > self.progress.barrier:
                 why = await self.unsettled(http, r, db, st) or ""
                 if not why:
                     return st
@@ -192,7 +210,183 @@ class Lockstep:
                 why = await self.unsettled(http, r, db, st) or ""
                 if not why:
                     return None
+            else:
+                why = not_at_a_barrier(st)
             await asyncio.sleep(POLL_S)
         raise LockstepError(
-            f"not settled after {timeout_s:.0f}s at barrier {self.progress.barriers + 1}: {why}"
+            f"not settled after {timeout_s:g}s at barrier {self.progress.barrier + 1}: {why}"
         )
+
+
+def not_at_a_barrier(st: dict[str, Any]) -> str:
+    """What a simulator whose replay waits at no new barrier is doing (its status ``st``)."""
+    if not st.get("lockstep"):
+        return "the simulator does not replay in lockstep (GS_SIM_LOCKSTEP)"
+    if not st.get("started"):
+        return "the simulator's replay has not started (it waits for a market-data client)"
+    if st.get("replay_waiting"):
+        return "the simulator's replay waits for a market-data client"
+    return "the simulator's next barrier"
+
+
+# -- the command ------------------------------------------------------------------------------
+
+#: Seconds between two progress lines, by default.
+PROGRESS_EVERY_S = 10.0
+
+
+def utc(ms: int) -> str:
+    """An epoch-ms replay time as ``2026-03-23 12:09:59 UTC``."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def default_sim_url(env: Mapping[str, str]) -> str:
+    """``GS_VENUE_REST_URL``, else the simulator of ``gridstream run`` on ``GS_SIM_PORT``."""
+    port = env.get("GS_SIM_PORT") or str(DEFAULT_SIM_PORT)
+    return env.get("GS_VENUE_REST_URL") or f"http://{SIM_HOST}:{port}"
+
+
+def default_symbols(env: Mapping[str, str]) -> str:
+    return env.get("GS_SYMBOLS") or ",".join(CommonSettings().symbols)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds > 0")
+    return value
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``lockstep`` on the ``gridstream`` command's subparsers."""
+    env = os.environ
+    ls = sub.add_parser(
+        "lockstep",
+        help="drive a lockstep replay (GS_SIM_LOCKSTEP=true) of the running stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ls.add_argument(
+        "--sim",
+        default=default_sim_url(env),
+        metavar="URL",
+        help="the simulator (default $GS_VENUE_REST_URL, else http://127.0.0.1:$GS_SIM_PORT,"
+        f" port {DEFAULT_SIM_PORT} unless set: %(default)s)",
+    )
+    ls.add_argument(
+        "--symbols",
+        default=default_symbols(env),
+        metavar="A,B",
+        help="the stack's symbols (default $GS_SYMBOLS: %(default)s)",
+    )
+    ls.add_argument(
+        "--barrier-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="S",
+        help="give up when the stack has not settled at a barrier after S seconds"
+        " (default %(default)s)",
+    )
+    ls.add_argument(
+        "--progress-every",
+        type=_positive,
+        default=PROGRESS_EVERY_S,
+        metavar="S",
+        help="seconds between progress lines (default %(default)s)",
+    )
+    ls.set_defaults(fn=cmd_lockstep)
+
+
+def cmd_lockstep(args: argparse.Namespace) -> int:
+    from .common import database_url, redis_url
+
+    symbols = [x.strip().upper() for x in args.symbols.split(",") if x.strip()]
+    if not symbols:
+        print("gridstream lockstep: --symbols: at least one symbol", file=sys.stderr)
+        return 2
+    driver = Lockstep(args.sim, redis_url(), database_url(), symbols)
+    try:
+        asyncio.run(drive(driver, args.barrier_timeout, args.progress_every, print))
+    except KeyboardInterrupt:
+        print(f"gridstream lockstep: interrupted after barrier {driver.progress.barrier}")
+        return 130
+    except (
+        LockstepError,
+        aiohttp.ClientError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        RedisError,
+        OSError,
+        TimeoutError,
+    ) as exc:
+        reason = str(exc) or type(exc).__name__
+        if not isinstance(exc, LockstepError):
+            reason = f"{type(exc).__name__}: {reason}"
+        if driver.progress.barriers:
+            p = driver.progress
+            reason += f" ({p.barriers} barrier(s) resumed, the last {p.barrier})"
+        print(f"gridstream lockstep: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def drive(
+    driver: Lockstep,
+    barrier_timeout_s: float,
+    progress_every_s: float,
+    say: Callable[[str], None],
+) -> Progress:
+    """Run ``driver`` to the end of the window, saying how far it is now and then and,
+    at the end, what was replayed."""
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        try:
+            st = await driver._sim(http, "/sim/status")
+        except aiohttp.ClientResponseError as exc:
+            raise LockstepError(
+                f"{driver.sim_url} is no simulator ({exc.status} {exc.message})"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise LockstepError(f"no simulator answers at {driver.sim_url} ({exc})") from None
+        if not st.get("lockstep"):
+            raise LockstepError(
+                f"the simulator at {driver.sim_url} does not replay in lockstep"
+                " (start it with GS_SIM_LOCKSTEP=true)"
+            )
+        start, end = int(st["window_start_ms"]), int(st["window_end_ms"])
+        say(
+            f"lockstep replay of {driver.sim_url}: {utc(start)} to {utc(end)},"
+            f" symbols {','.join(driver.symbols)}, now at barrier {st['barrier']}"
+        )
+        t0 = time.monotonic()
+        task = asyncio.create_task(driver.run(barrier_timeout_s=barrier_timeout_s))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=progress_every_s)
+                if done:
+                    break
+                say(progress_line(driver.progress, start, end))
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        progress = task.result()
+        st = await driver._sim(http, "/sim/status")
+    candles = ", ".join(f"{s} {n}" for s, n in sorted(st["closed_candles"].items()))
+    say(
+        f"replayed {utc(start)} to {utc(end)} in {time.monotonic() - t0:.1f}s:"
+        f" {progress.barriers} barriers, {st['fills']} fills, {st['orders']} orders"
+        f" ({st['open_orders']} open), closed candles: {candles}"
+    )
+    return progress
+
+
+def progress_line(p: Progress, start_ms: int, end_ms: int) -> str:
+    if not p.barriers:
+        return "waiting for the stack to settle at the first barrier"
+    share = min(max(p.clock_ms + 1 - start_ms, 0) / max(end_ms - start_ms, 1), 1.0)
+    return f"barrier {p.barrier}: {p.fills} fills, replay clock {utc(p.clock_ms)} ({share:.0%})"

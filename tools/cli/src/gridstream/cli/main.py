@@ -1,4 +1,4 @@
-"""The ``gridstream`` command: status, tail, dlq, run, migrate."""
+"""The ``gridstream`` command: status, tail, dlq, run, migrate, lockstep, ..."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from gridstream.common import db
 from gridstream.common.runtime import redis_client
 
 from . import history as history_mod
+from . import lockstep as lockstep_mod
 from . import run as run_mod
 from . import signals_export
 from . import status as status_mod
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.set_defaults(fn=cmd_migrate)
 
     history_mod.add_parsers(sub)
+    lockstep_mod.add_parser(sub)
     signals_export.add_parser(sub)
     add_backtest_parser(sub)
     add_research_parsers(sub)
