@@ -328,20 +328,22 @@ def _quiet(book: Mapping[str, _Order], c: Candle, through: Decimal) -> bool:
     does not cross the open rests, and a resting order fills only where the path reaches
     it, and the path (open, both extremes, close) trades over all of ``[low, high]``.
     """
-    t0 = c.open_time
+    t0, low, high = c.open_time, c.low, c.high
+    arriving: list[_Order] = []
     for o in book.values():
         if o.remaining <= 0:
             continue
         it = o.intent
         if it.order_type == OrderTypes.MARKET or o.active_from_ms > t0:
             return False
-        if not o.arrived and would_cross_on_arrival(it.side, it.price, c.open):
+        if _reached(it, low, high, through):
             return False
-        if _reached(it, c.low, c.high, through):
-            return False
-    for o in book.values():
-        if o.remaining > 0:
-            o.arrived = True
+        if not o.arrived:
+            if would_cross_on_arrival(it.side, it.price, c.open):
+                return False
+            arriving.append(o)
+    for o in arriving:
+        o.arrived = True
     return True
 
 
