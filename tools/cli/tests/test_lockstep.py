@@ -3,16 +3,19 @@ own process on a free port, lockstep on) with real Redis and Postgres and no sta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gridstream.cli.main import build_parser, main
@@ -153,14 +156,70 @@ def test_waits_at_barrier_1_then_gives_up_with_the_reason(
     assert (st["barrier"], st["paused"], st["started"]) == (0, False, False)
 
 
+def test_waits_at_barrier_1_for_the_stack_then_gives_up_with_the_reason(
+    simulator: type[Simulator], stack_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the replay starts by itself and waits at barrier 1; no executor listens to the account
+    sim = simulator(GS_SIM_LOCKSTEP="true", GS_SIM_WAIT_FOR_CLIENTS="false", GS_SIM_SPEED="60")
+    code, _, err = run(["--sim", sim.url, "--barrier-timeout", "1"], capsys)
+    assert code == 1
+    assert err.strip() == (
+        "gridstream lockstep: not settled after 1s at barrier 1:"
+        " no user data stream is connected to the simulator (is the executor up?)"
+    )
+    st = sim.status()
+    assert (st["barrier"], st["paused"], st["pause_phase"]) == (1, True, "start")
+    assert st["closed_candles"] == {"BTCUSDT": 0, "ETHUSDT": 0}
+
+
+class UserStream:
+    """A user data stream held open on the simulator from a thread of its own (what the
+    executor keeps), so the simulator counts a user client."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.task = asyncio.run_coroutine_threadsafe(self._hold(), self.loop)
+        assert self.ready.wait(UP_WITHIN_S), "no user data stream"
+
+    async def _hold(self) -> None:
+        async with aiohttp.ClientSession(headers={"X-MBX-APIKEY": "sim-key"}) as http:
+            async with http.post(self.url + "/api/v3/userDataStream") as r:
+                key = (await r.json())["listenKey"]
+            async with http.ws_connect(f"{self.url}/ws/{key}") as ws:
+                self.ws = ws
+                self.ready.set()
+                async for _ in ws:
+                    pass
+
+    async def _close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self.loop).result(10)
+        self.task.result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 def test_resumes_a_settled_start_then_gives_up_without_the_stack_s_candles(
     simulator: type[Simulator], stack_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # the replay starts by itself; with no stack, Redis, the ledger and the venue agree at
+    # with an account listener and nothing else, Redis, the ledger and the venue agree at
     # the start (nothing anywhere), so barrier 1 is resumed; after the first minute's
     # closes nobody has written the candles
     sim = simulator(GS_SIM_LOCKSTEP="true", GS_SIM_WAIT_FOR_CLIENTS="false", GS_SIM_SPEED="60")
-    code, _, err = run(["--sim", sim.url, "--barrier-timeout", "1"], capsys)
+    user = UserStream(sim.url)
+    try:
+        code, _, err = run(["--sim", sim.url, "--barrier-timeout", "1"], capsys)
+    finally:
+        user.close()
     assert code == 1
     assert err.strip() == (
         "gridstream lockstep: not settled after 1s at barrier 2:"

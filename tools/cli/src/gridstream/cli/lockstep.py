@@ -7,7 +7,8 @@ the trades of a minute that filled orders (before the minute's closes go out), a
 every minute's closes. At each barrier this driver waits until the stack is *settled*,
 then resumes it. Settled means, all at once:
 
-* the simulator answers no request and holds no unsent websocket frame;
+* the account's user data stream is connected (the executor, started last, is up), and
+  the simulator answers no request and holds no unsent websocket frame;
 * every symbol's ``candles`` stream holds as many candles as the simulator closed;
 * the ledger holds every fill the simulator made, its outbox is empty, and each order's
   filled quantity and open/closed state are the simulator's;
@@ -99,6 +100,9 @@ class Lockstep:
         st: dict[str, Any],
     ) -> str | None:
         """Why the stack is not settled at the barrier ``st`` describes; None if it is."""
+        if not st.get("user_clients"):
+            # the executor (started after every other service) listens to the account
+            return "no user data stream is connected to the simulator (is the executor up?)"
         if st["requests_in_flight"] or st["unsent_frames"]:
             return "simulator busy"
         for sym in self.symbols:
