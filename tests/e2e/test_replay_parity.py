@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import asyncpg
 import pytest
 
 from gridstream.cli.lockstep import Lockstep
-from gridstream.cli.run import SERVICES, port_taken
+from gridstream.cli.run import SERVICES, free_port_block
 from gridstream.common.embedded import free_port
 from gridstream.core.fills import PATH_TRADES
 
@@ -48,14 +49,6 @@ UP_WITHIN_S = 180
 BARRIER_TIMEOUT_S = 120
 
 Row = tuple[int, str, str, Decimal, Decimal, Decimal, str]
-
-
-def free_block(n: int) -> int:
-    for _ in range(100):
-        base = free_port()
-        if base + n < 65535 and all(port_taken("127.0.0.1", base + i) is None for i in range(n)):
-            return base
-    raise AssertionError("no block of free ports")
 
 
 def get_json(url: str) -> Any:
@@ -83,9 +76,17 @@ def window_file(symbol: str, dest: Path) -> Path:
     return path
 
 
-def normal(row: Row) -> Row:
-    t, sym, side, price, qty, fee, asset = row
-    return (t, sym, side, price.normalize(), qty.normalize(), fee.normalize(), asset)
+def row(time_ms: int, r: Mapping[str, Any]) -> Row:
+    """One fill as the comparison sees it (Decimals without trailing zeros)."""
+    return (
+        time_ms,
+        str(r["symbol"]),
+        str(r["side"]),
+        Decimal(r["price"]).normalize(),
+        Decimal(r["qty"]).normalize(),
+        Decimal(r["fee"]).normalize(),
+        str(r["fee_asset"]),
+    )
 
 
 async def ledger_fills(database_url: str) -> list[Row]:
@@ -96,42 +97,36 @@ async def ledger_fills(database_url: str) -> list[Row]:
         )
     finally:
         await conn.close()
-    return sorted(
-        normal(
-            (
-                r["ts_event"] // 1_000_000,
-                r["symbol"],
-                r["side"],
-                Decimal(r["price"]),
-                Decimal(r["qty"]),
-                Decimal(r["fee"]),
-                r["fee_asset"],
-            )
+    return sorted(row(r["ts_event"] // 1_000_000, r) for r in rows)
+
+
+async def dump_verdicts(database_url: str, path: Path) -> None:
+    """Risk's verdicts of the replay, kept beside the test's other files: what to read
+    first when the two runs part."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT ts_event, symbol, client_order_id, action, side, price, qty, verdict,"
+            " reason FROM risk_verdicts ORDER BY ts_event, client_order_id, action"
         )
-        for r in rows
-    )
+    finally:
+        await conn.close()
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(
+            ["ts_event", "symbol", "client_order_id", "action", "side", "price", "qty"]
+            + ["verdict", "reason"]
+        )
+        w.writerows(tuple(r) for r in rows)
 
 
 def backtest_fills(out: Path) -> list[Row]:
     with (out / "fills.csv").open() as fh:
-        return sorted(
-            normal(
-                (
-                    int(r["time"]),
-                    r["symbol"],
-                    r["side"],
-                    Decimal(r["price"]),
-                    Decimal(r["qty"]),
-                    Decimal(r["fee"]),
-                    r["fee_asset"],
-                )
-            )
-            for r in csv.DictReader(fh)
-        )
+        return sorted(row(int(r["time"]), r) for r in csv.DictReader(fh))
 
 
 def test_the_stack_on_the_simulator_fills_as_the_backtest_does(redis_url, database_url, tmp_path):
-    base = free_block(len(SERVICES) + 1)
+    base = free_port_block(len(SERVICES) + 1)
     sim_port = free_port()
     sim = f"http://127.0.0.1:{sim_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GS_")}
@@ -192,6 +187,7 @@ def test_the_stack_on_the_simulator_fills_as_the_backtest_does(redis_url, databa
         assert get_json(f"{sim}/sim/status")["done"] is True
         assert progress.barriers >= HOURS * 60, progress
         replayed = asyncio.run(ledger_fills(database_url))
+        asyncio.run(dump_verdicts(database_url, tmp_path / "verdicts.csv"))
     finally:
         proc.terminate()
         try:

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 import redis
 
-from gridstream.cli.run import SERVICES, SUPERVISOR_PORT_OFFSET, port_taken
+from gridstream.cli.run import SERVICES, SUPERVISOR_PORT_OFFSET, free_port_block
 from gridstream.cli.supervise import ChildState, Phase, decode_state
 from gridstream.common.embedded import free_port
 from gridstream.common.streams import supervisor_key
@@ -35,15 +35,6 @@ WINDOW_START_MS = 1774310400000  # 2026-03-24 00:00 UTC, as in test_pipeline
 HOURS = 24
 SPEED = 240  # 24 h of market time in 6 min of wall time: room for six restarts
 UP_WITHIN_S = 180
-
-
-def free_block(n: int) -> int:
-    """A base port with ``n`` free ports from it."""
-    for _ in range(100):
-        base = free_port()
-        if base + n < 65535 and all(port_taken("127.0.0.1", base + i) is None for i in range(n)):
-            return base
-    raise AssertionError("no block of free ports")
 
 
 def records(r: redis.Redis) -> dict[str, ChildState]:
@@ -74,7 +65,7 @@ async def counts(database_url: str) -> tuple[int, int]:
 def test_every_service_killed_in_turn_comes_back_and_the_stack_keeps_trading(
     redis_url, database_url, tmp_path
 ):
-    base = free_block(len(SERVICES) + 1)
+    base = free_port_block(len(SERVICES) + 1)
     sim_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GS_")}
     env.update(

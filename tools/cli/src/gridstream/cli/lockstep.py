@@ -99,7 +99,13 @@ class Lockstep:
         db: asyncpg.Connection,
         st: dict[str, Any],
     ) -> str | None:
-        """Why the stack is not settled at the barrier ``st`` describes; None if it is."""
+        """Why the stack is not settled at the barrier ``st`` describes; None if it is.
+
+        The checks are not one snapshot, so they run in the order things move (the
+        simulator, the market data, the pipeline's streams upstream first, the ledger
+        against the venue), and :meth:`settled` runs them between two readings of
+        :meth:`version` that must agree.
+        """
         if not st.get("user_clients"):
             # the executor (started after every other service) listens to the account
             return "no user data stream is connected to the simulator (is the executor up?)"
@@ -115,6 +121,17 @@ class Lockstep:
                 raise LockstepError(f"{key} holds {added} candles, the simulator closed {want}")
             if added < want:
                 return f"{key}: {added} of {want} candles"
+        async for key in r.scan_iter(match=S.pattern_all(), _type="stream"):
+            name = _text(key)
+            if S.kind_of(name) == S.DEAD_LETTER_KIND and await r.xlen(name):
+                raise LockstepError(f"dead letters in {name}")
+        # upstream first: a stage writes what it hands on to the next stream before it
+        # acknowledges its input, so a stage seen drained leaves nothing unseen downstream
+        for kind in S.Kind:
+            for name in S.streams(kind, self.symbols):
+                why = await self._drained(r, name)
+                if why:
+                    return why
         fills = int(await db.fetchval("SELECT count(*) FROM fills"))
         if fills > st["fills"]:
             raise LockstepError(f"the ledger holds {fills} fills, the simulator made {st['fills']}")
@@ -126,19 +143,6 @@ class Lockstep:
         )
         if waiting:
             return f"outbox: {waiting} rows"
-        async for key in r.scan_iter(match=S.pattern_all(), _type="stream"):
-            name = key.decode() if isinstance(key, bytes) else key
-            if S.kind_of(name) == S.DEAD_LETTER_KIND:
-                if await r.xlen(name):
-                    raise LockstepError(f"dead letters in {name}")
-                continue
-            for info in await r.xinfo_groups(name):
-                group = info["name"]
-                group = group.decode() if isinstance(group, bytes) else group
-                if group in IGNORED_GROUPS:
-                    continue
-                if (info.get("lag") or 0) > 0 or info["pending"] > 0:
-                    return f"{name} group {group}: lag {info.get('lag')} pending {info['pending']}"
         venue = {o["clientOrderId"]: o for o in await self._sim(http, "/sim/orders")}
         rows = await db.fetch("SELECT client_order_id, status, filled_qty FROM orders")
         ledger = {row["client_order_id"]: row for row in rows}
@@ -156,6 +160,59 @@ class Lockstep:
                 LedgerStatus.CANCELED,
             ):
                 return f"order {coid} is {row['status']} but the venue never had it"
+        return None
+
+    async def settled(
+        self,
+        http: aiohttp.ClientSession,
+        r: aioredis.Redis,
+        db: asyncpg.Connection,
+        st: dict[str, Any],
+    ) -> str | None:
+        """:meth:`unsettled`, trusted only when nothing moved while it looked."""
+        before = await self.version(r, db)
+        why = await self.unsettled(http, r, db, st)
+        if why:
+            return why
+        if await self.version(r, db) != before:
+            return "the stack moved while it was looked at"
+        return None
+
+    async def version(self, r: aioredis.Redis, db: asyncpg.Connection) -> tuple[int, ...]:
+        """What changes when anything in the stack does: the entries added to every
+        stream, the ledger's rows and its newest order update."""
+        added = 0
+        for kind in S.Kind:
+            for name in S.streams(kind, self.symbols):
+                if await r.exists(name):
+                    added += int((await r.xinfo_stream(name))["entries-added"])
+        row = await db.fetchrow(
+            "SELECT (SELECT count(*) FROM fills) AS fills,"
+            " (SELECT count(*) FROM order_events) AS events,"
+            " (SELECT count(*) FROM orders) AS orders,"
+            " (SELECT COALESCE(max(ts_updated), 0) FROM orders) AS updated"
+        )
+        if row is None:
+            raise LockstepError("the ledger gave no answer")
+        return (added, *(int(row[k]) for k in ("fills", "events", "orders", "updated")))
+
+    async def _drained(self, r: aioredis.Redis, name: str) -> str | None:
+        """Why a consumer group of stream ``name`` has not handled all of it, or None."""
+        if not await r.exists(name):
+            return None
+        # XINFO's "lag" is NULL once entries were trimmed or deleted: whether a group has
+        # read everything is its last-delivered id against the stream's last id
+        newest = _text((await r.xinfo_stream(name))["last-generated-id"])
+        for info in await r.xinfo_groups(name):
+            group = _text(info["name"])
+            if group in IGNORED_GROUPS:
+                continue
+            delivered = _text(info["last-delivered-id"])
+            if delivered != newest or info["pending"] > 0:
+                return (
+                    f"{name} group {group}: read to {delivered} of {newest},"
+                    f" pending {info['pending']}"
+                )
         return None
 
     # -- the loop -----------------------------------------------------------------------------
@@ -207,11 +264,11 @@ class Lockstep:
                 check()
             st: dict[str, Any] = await self._sim(http, "/sim/status")
             if st["paused"] and st["barrier"] > self.progress.barrier:
-                why = await self.unsettled(http, r, db, st) or ""
+                why = await self.settled(http, r, db, st) or ""
                 if not why:
                     return st
             elif st["done"] and not st["paused"]:
-                why = await self.unsettled(http, r, db, st) or ""
+                why = await self.settled(http, r, db, st) or ""
                 if not why:
                     return None
             else:
@@ -394,3 +451,7 @@ def progress_line(p: Progress, start_ms: int, end_ms: int) -> str:
         return "waiting for the stack to settle at the first barrier"
     share = min(max(p.clock_ms + 1 - start_ms, 0) / max(end_ms - start_ms, 1), 1.0)
     return f"barrier {p.barrier}: {p.fills} fills, replay clock {utc(p.clock_ms)} ({share:.0%})"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
