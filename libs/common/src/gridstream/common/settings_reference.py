@@ -686,7 +686,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "bool",
         "False",
         False,
-        "pause before and after each minute's closes until POST /sim/resume",
+        "pause at every barrier (start, trades that filled, each minute's closes) until POST /sim/resume",
     ),
     Setting(
         "GS_SIM_MAKER_FEE",

@@ -114,7 +114,8 @@ SIM_VARIABLES: Final[tuple[tuple[str, str, str], ...]] = (
     (
         "GS_SIM_LOCKSTEP",
         "lockstep",
-        "pause before and after each minute's closes until POST /sim/resume",
+        "pause at every barrier (start, trades that filled, each minute's closes)"
+        " until POST /sim/resume",
     ),
     ("GS_SIM_MAKER_FEE", "maker_fee", "maker commission, a fraction"),
     ("GS_SIM_TAKER_FEE", "taker_fee", "taker commission, a fraction"),
