@@ -302,14 +302,15 @@ class _Order:
     state: om.OrderState
     #: It has reached the book (at the first vertex it was active at).
     arrived: bool = False
+    #: ``state.remaining_qty``, kept as the state moves (read on every vertex).
+    remaining: Decimal = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.remaining = self.state.remaining_qty
 
     @property
     def filled(self) -> Decimal:
         return self.state.filled_qty
-
-    @property
-    def remaining(self) -> Decimal:
-        return self.state.remaining_qty
 
 
 def _reached(it: OrderIntent, lo: Decimal, hi: Decimal, through: Decimal) -> bool:
@@ -745,6 +746,8 @@ class Backtester:
         budget = c.volume * fs.volume_share if fs.volume_share is not None else None
         out: list[OrderFilled] = []
         for k in range(4):
+            if not book:
+                break
             at, now = vertices[k], times[k]
             prev = vertices[k - 1] if k else at
             lo, hi = (prev, at) if prev <= at else (at, prev)
@@ -800,6 +803,7 @@ class Backtester:
                 f"{o.intent.client_order_id}: {event.kind} refused ({t.verdict}): {t.reason}"
             )
         o.state = t.state
+        o.remaining = t.state.remaining_qty
 
     def _fill(
         self,

@@ -511,12 +511,15 @@ def _fill(state: OrderState, event: Fill, rule: Rule) -> Transition:
     if rule is Rule.BY_QTY:
         status = FILLED if filled >= state.qty else PARTIALLY_FILLED
     notional = None if state.filled_notional is None else state.filled_notional + qty * event.price
-    after = dataclasses.replace(
-        state,
+    # every field named (not dataclasses.replace): a backtest applies one per fill
+    after = OrderState(
+        client_order_id=state.client_order_id,
+        qty=state.qty,
         status=status,
         filled_qty=filled,
         filled_notional=notional,
         venue_order_id=_venue_id(state, event),
+        deadline_ns=state.deadline_ns,
         ts_updated=event.ts_event,
         trade_ids=state.trade_ids | {event.trade_id} if event.trade_id else state.trade_ids,
     )

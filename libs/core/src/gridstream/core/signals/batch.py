@@ -35,7 +35,6 @@ import polars as pl
 
 from gridstream.common.messages import Candle, Regime, Signal
 from gridstream.core.signals.engine import INDICATORS, SignalEngine, SignalParams, signal_id
-from gridstream.core.signals.frame import indicator_frame
 from gridstream.core.signals.indicators import Wilder, true_range
 
 #: How near a threshold a batch regime input may come before its series is computed by
@@ -133,6 +132,10 @@ class BatchSignals:
                 "volume": cols.volume,
             }
         )
+        # imported here: the frame module compiles with numba, a second of start-up that a
+        # run without signals (sma-cross) need not pay
+        from gridstream.core.signals.frame import indicator_frame
+
         frame = indicator_frame(df, p)
         if not regime_is_certain(frame, p):
             self.by_engine.append(symbol)
