@@ -31,8 +31,8 @@ import asyncpg
 import pytest
 
 from gridstream.cli.lockstep import Lockstep
-from gridstream.cli.run import SERVICES, free_port_block
-from gridstream.common.embedded import free_port
+from gridstream.cli.run import SERVICES
+from gridstream.common.embedded import free_port, free_ports
 from gridstream.core.fills import PATH_TRADES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -126,7 +126,7 @@ def backtest_fills(out: Path) -> list[Row]:
 
 
 def test_the_stack_on_the_simulator_fills_as_the_backtest_does(redis_url, database_url, tmp_path):
-    base = free_port_block(len(SERVICES) + 1)
+    base = free_ports(len(SERVICES) + 1)
     sim_port = free_port()
     sim = f"http://127.0.0.1:{sim_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GS_")}

@@ -22,9 +22,9 @@ import asyncpg
 import pytest
 import redis
 
-from gridstream.cli.run import SERVICES, SUPERVISOR_PORT_OFFSET, free_port_block
+from gridstream.cli.run import SERVICES, SUPERVISOR_PORT_OFFSET
 from gridstream.cli.supervise import ChildState, Phase, decode_state
-from gridstream.common.embedded import free_port
+from gridstream.common.embedded import free_port, free_ports
 from gridstream.common.streams import supervisor_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -65,7 +65,7 @@ async def counts(database_url: str) -> tuple[int, int]:
 def test_every_service_killed_in_turn_comes_back_and_the_stack_keeps_trading(
     redis_url, database_url, tmp_path
 ):
-    base = free_port_block(len(SERVICES) + 1)
+    base = free_ports(len(SERVICES) + 1)
     sim_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GS_")}
     env.update(

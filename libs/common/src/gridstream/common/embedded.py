@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -30,12 +31,49 @@ class EmbeddedError(RuntimeError):
     """An embedded server could not be started."""
 
 
-def free_port() -> int:
-    """A free TCP port on localhost."""
+#: Where free ports are looked for when the kernel's ephemeral range cannot be read.
+_EPHEMERAL_DEFAULT: Final = (32768, 60999)
+
+
+def _listen_ports() -> range:
+    """Ports outside the kernel's ephemeral range (``ip_local_port_range``): a port chosen
+    there cannot be taken by some outgoing connection's local end before its server binds
+    it (a port from ``bind(0)`` can, and on a loaded machine was)."""
+    try:
+        raw = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        lo, hi = int(raw[0]), int(raw[1])
+    except (OSError, ValueError, IndexError):
+        lo, hi = _EPHEMERAL_DEFAULT
+    if lo - 1 > 20_000:
+        return range(20_000, lo)
+    return range(hi + 1, 65_536)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int = 1) -> int:
+    """The first of ``n`` consecutive free TCP ports on localhost, outside the ephemeral
+    range (see :func:`_listen_ports`)."""
+    ports = _listen_ports()
+    rng = random.SystemRandom()
+    for _ in range(500):
+        base = rng.randrange(ports.start, ports.stop - n + 1)
+        if all(_bindable(base + i) for i in range(n)):
+            return base
+    raise EmbeddedError(f"no {n} consecutive free ports in {ports.start}-{ports.stop - 1}")
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (outside the ephemeral range)."""
+    return free_ports(1)
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:

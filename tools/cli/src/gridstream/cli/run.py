@@ -192,17 +192,6 @@ def port_taken(host: str, port: int) -> str | None:
     return None
 
 
-def free_port_block(n: int, host: str = "127.0.0.1") -> int:
-    """A base port with ``n`` free ports from it (for ``--metrics-base-port``)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            base = int(s.getsockname()[1])
-        if base + n < 65535 and all(port_taken(host, base + i) is None for i in range(n)):
-            return base
-    raise RuntimeError(f"no block of {n} free ports on {host}")
-
-
 def listener_of(port: int) -> str | None:
     """``pid 123 (python3)`` of the process listening on ``port``, when it can be seen."""
     with contextlib.suppress(psutil.Error, OSError):
