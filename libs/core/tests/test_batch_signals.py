@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import numpy as np
 import pytest
 
-from gridstream.core.backtest import Backtester, Bars, FillSettings
+from gridstream.core.backtest import Backtester, FillSettings
 from gridstream.core.signals.batch import BatchSignals, SeriesColumns
 from gridstream.core.signals.engine import SignalEngine, SignalParams
 from gridstream.core.strategies.grid import GridEngine, GridParams
@@ -23,20 +22,10 @@ from .test_columnar import bars
 PAIRS = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "BNBUSDT")
 
 
-def columns(b: Bars) -> SeriesColumns:
-    return SeriesColumns(
-        open_time=b.open_time,
-        high=np.asarray(b.high, dtype=np.float64),
-        low=np.asarray(b.low, dtype=np.float64),
-        close=np.asarray(b.close, dtype=np.float64),
-        volume=np.asarray(b.volume, dtype=np.float64),
-    )
-
-
 @pytest.mark.parametrize("symbol", PAIRS)
 def test_batch_signals_equal_the_engine(symbol):
     b = bars(symbol, 20_000)
-    batch = BatchSignals({symbol: columns(b)})
+    batch = BatchSignals({symbol: SeriesColumns.of_bars(b)})
     assert batch.by_engine == []  # the guard did not trip on real data
     engine = SignalEngine()
     n = 0
@@ -55,7 +44,7 @@ def test_batch_signals_equal_the_engine(symbol):
 
 def test_the_guard_computes_a_doubtful_series_with_the_engine():
     b = bars("BTCUSDT", 3000)
-    cols = columns(b)
+    cols = SeriesColumns.of_bars(b)
     plain = BatchSignals({"BTCUSDT": cols})
     # thresholds right on a value the series takes: a comparison rounding could flip
     adx = plain.on_candle_values("BTCUSDT", 2000)["adx"]
@@ -86,7 +75,7 @@ def test_a_grid_run_on_batch_signals_equals_the_engine_run(fill):
     a = Backtester(GridEngine(params), SYMBOLS, cash=Decimal(2000), fill=fill).run(
         {s: b.candles() for s, b in data.items()}
     )
-    batch = BatchSignals({s: columns(b) for s, b in data.items()})
+    batch = BatchSignals({s: SeriesColumns.of_bars(b) for s, b in data.items()})
     b = Backtester(GridEngine(params), SYMBOLS, cash=Decimal(2000), fill=fill, signals=batch).run(
         {s: v.candles() for s, v in data.items()}
     )
@@ -117,7 +106,7 @@ def test_skipping_quiet_bars_changes_no_fill(fill, monkeypatch):
     params = GridParams(order_quote=Decimal("50"))
 
     def run() -> object:
-        batch = BatchSignals({s: columns(b) for s, b in data.items()})
+        batch = BatchSignals({s: SeriesColumns.of_bars(b) for s, b in data.items()})
         return Backtester(
             GridEngine(params), SYMBOLS, cash=Decimal(2000), fill=fill, signals=batch
         ).run({s: v.candles() for s, v in data.items()})

@@ -467,17 +467,6 @@ def table(metrics: Mapping[str, Any]) -> str:
 
 
 # -- the command ---------------------------------------------------------------------------
-def signal_columns(bars: Bars) -> SeriesColumns:
-    """The float columns the signals are computed from (each text parsed once)."""
-    return SeriesColumns(
-        open_time=bars.open_time,
-        high=np.asarray(bars.high, dtype=np.float64),
-        low=np.asarray(bars.low, dtype=np.float64),
-        close=np.asarray(bars.close, dtype=np.float64),
-        volume=np.asarray(bars.volume, dtype=np.float64),
-    )
-
-
 def simulate(
     strat: Strategy,
     series: Mapping[str, Bars],
@@ -495,7 +484,7 @@ def simulate(
     if strat.wants_signals:
         # every candle is known before the run: the signals made at once, as the engine's
         signals = BatchSignals(
-            {s: signal_columns(b) for s, b in series.items()}, interval=first.interval
+            {s: SeriesColumns.of_bars(b) for s, b in series.items()}, interval=first.interval
         )
     bt = Backtester(
         strat,

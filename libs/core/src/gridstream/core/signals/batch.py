@@ -27,15 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import polars as pl
 
 from gridstream.common.messages import Candle, Regime, Signal
-from gridstream.core.signals.engine import INDICATORS, SignalEngine, SignalParams, signal_id
+from gridstream.core.signals.engine import INDICATORS, SignalEngine, SignalParams, make_signal
 from gridstream.core.signals.indicators import Wilder, true_range
+
+if TYPE_CHECKING:
+    from gridstream.core.backtest import Bars
 
 #: How near a threshold a batch regime input may come before its series is computed by
 #: the engine instead (far above the ~1e-13 the two differ by).
@@ -59,6 +62,17 @@ class SeriesColumns:
     low: Floats
     close: Floats
     volume: Floats
+
+    @classmethod
+    def of_bars(cls, bars: Bars) -> SeriesColumns:
+        """The float columns of a backtest's bars (each text parsed once)."""
+        return cls(
+            open_time=bars.open_time,
+            high=np.asarray(bars.high, dtype=np.float64),
+            low=np.asarray(bars.low, dtype=np.float64),
+            close=np.asarray(bars.close, dtype=np.float64),
+            volume=np.asarray(bars.volume, dtype=np.float64),
+        )
 
 
 @dataclass
@@ -205,20 +219,4 @@ class BatchSignals:
         if i + 1 < self._warmup:
             return []
         values = dict(zip(INDICATORS, rows.values[i], strict=True))
-        return [
-            Signal(
-                id=signal_id(candle.symbol, candle.interval, candle.open_time),
-                ts_event=candle.ts_event,
-                ts_init=candle.ts_init,
-                symbol=candle.symbol,
-                interval=candle.interval,
-                open_time=candle.open_time,
-                close=candle.close,
-                ema=values["ema"],
-                atr=values["atr"],
-                volatility=values["volatility"],
-                trend=values["trend"],
-                regime=rows.regime[i],
-                values=values,
-            )
-        ]
+        return [make_signal(candle, values, rows.regime[i])]

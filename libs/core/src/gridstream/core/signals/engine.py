@@ -154,6 +154,26 @@ class SignalParams:
         return max(max(self.lookbacks().values()) + 1, self.min_warmup)
 
 
+def make_signal(candle: Candle, values: dict[str, float], regime: Regime) -> Signal:
+    """The signal of one candle from its indicator values and regime (the engine's and the
+    batch path's one way to build it)."""
+    return Signal(
+        id=signal_id(candle.symbol, candle.interval, candle.open_time),
+        ts_event=candle.ts_event,
+        ts_init=candle.ts_init,
+        symbol=candle.symbol,
+        interval=candle.interval,
+        open_time=candle.open_time,
+        close=candle.close,
+        ema=values["ema"],
+        atr=values["atr"],
+        volatility=values["volatility"],
+        trend=values["trend"],
+        regime=regime,
+        values=values,
+    )
+
+
 def signal_id(symbol: str, interval: str, open_time: int) -> str:
     """The deterministic id of the signal of one candle."""
     return deterministic_id(SIGNAL_ID_KIND, symbol, interval, open_time)
@@ -404,21 +424,5 @@ class SignalEngine:
             )
         if s.count < self.warmup:
             return True
-        out.append(
-            Signal(
-                id=signal_id(candle.symbol, candle.interval, candle.open_time),
-                ts_event=candle.ts_event,
-                ts_init=candle.ts_init,
-                symbol=candle.symbol,
-                interval=candle.interval,
-                open_time=candle.open_time,
-                close=candle.close,
-                ema=values["ema"],
-                atr=values["atr"],
-                volatility=values["volatility"],
-                trend=values["trend"],
-                regime=regime,
-                values=values,
-            )
-        )
+        out.append(make_signal(candle, values, regime))
         return True
