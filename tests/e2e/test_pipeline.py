@@ -34,6 +34,7 @@ import redis
 
 from gridstream.common import metrics
 from gridstream.common import streams as S
+from gridstream.common.bus import group_behind
 from gridstream.common.embedded import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -152,9 +153,9 @@ def wait_for(predicate, timeout: float, stack: Stack, what: str) -> None:
 def quiescent(r: redis.Redis) -> bool:
     """No group on any gridstream stream has undelivered or unacknowledged entries."""
     for key in r.scan_iter(match=S.pattern_all(), _type="stream"):
-        for info in r.xinfo_groups(key):
-            if (info.get("lag") or 0) > 0 or info["pending"] > 0:
-                return False
+        newest = r.xinfo_stream(key)["last-generated-id"]
+        if any(group_behind(newest, info) for info in r.xinfo_groups(key)):
+            return False
     return True
 
 

@@ -572,3 +572,35 @@ async def test_a_cancelled_consumer_stops_even_if_the_cancellation_is_swallowed(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
+
+
+def test_group_behind_reads_ids_not_lag_which_a_trim_leaves_unknown(redis_url):
+    import redis as sync_redis
+
+    from gridstream.common.bus import group_behind
+
+    r = sync_redis.Redis.from_url(redis_url)
+    try:
+        for i in range(5):
+            r.xadd("gs:candles:TESTUSDT", {"n": i})
+        r.xgroup_create("gs:candles:TESTUSDT", "g", id="0")
+
+        def behind() -> bool:
+            newest = r.xinfo_stream("gs:candles:TESTUSDT")["last-generated-id"]
+            return group_behind(newest, r.xinfo_groups("gs:candles:TESTUSDT")[0])
+
+        assert behind()  # nothing read
+        got = r.xreadgroup("g", "c", {"gs:candles:TESTUSDT": ">"}, count=5)
+        assert behind()  # read, not acknowledged
+        r.xack("gs:candles:TESTUSDT", "g", *[eid for eid, _ in got[0][1]])
+        assert not behind()
+        gone = r.xadd("gs:candles:TESTUSDT", {"n": 5})
+        r.xadd("gs:candles:TESTUSDT", {"n": 6})
+        r.xdel("gs:candles:TESTUSDT", gone)  # deleted before delivery: lag becomes unknown
+        assert r.xinfo_groups("gs:candles:TESTUSDT")[0]["lag"] is None
+        assert behind()  # the new entry is still to deliver, whatever lag says
+        got = r.xreadgroup("g", "c", {"gs:candles:TESTUSDT": ">"}, count=5)
+        r.xack("gs:candles:TESTUSDT", "g", *[eid for eid, _ in got[0][1]])
+        assert not behind()
+    finally:
+        r.close()

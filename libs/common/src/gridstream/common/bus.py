@@ -509,6 +509,14 @@ class Producer:
         return n
 
 
+def group_behind(stream_last_id: bytes | str, group: Mapping[str, Any]) -> bool:
+    """Whether a consumer group (an ``XINFO GROUPS`` entry) has entries of its stream
+    undelivered or unacknowledged. By its last-delivered id against the stream's last id
+    (``XINFO STREAM``'s ``last-generated-id``), not by ``lag``: Redis reports the lag as
+    unknown (NULL) once entries were trimmed or deleted."""
+    return _s(group["last-delivered-id"]) != _s(stream_last_id) or int(group["pending"]) > 0
+
+
 async def ensure_consumer_groups(redis: aioredis.Redis, names: Iterable[str]) -> None:
     """Create each stream's durable consumer groups (at its start) if they are missing."""
     for name in names:

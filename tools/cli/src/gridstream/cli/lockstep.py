@@ -43,6 +43,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gridstream.common import streams as S
+from gridstream.common.bus import group_behind
 from gridstream.common.ledger import LedgerStatus
 from gridstream.common.settings import CommonSettings
 
@@ -200,18 +201,13 @@ class Lockstep:
         """Why a consumer group of stream ``name`` has not handled all of it, or None."""
         if not await r.exists(name):
             return None
-        # XINFO's "lag" is NULL once entries were trimmed or deleted: whether a group has
-        # read everything is its last-delivered id against the stream's last id
-        newest = _text((await r.xinfo_stream(name))["last-generated-id"])
+        newest = (await r.xinfo_stream(name))["last-generated-id"]
         for info in await r.xinfo_groups(name):
             group = _text(info["name"])
-            if group in IGNORED_GROUPS:
-                continue
-            delivered = _text(info["last-delivered-id"])
-            if delivered != newest or info["pending"] > 0:
+            if group not in IGNORED_GROUPS and group_behind(newest, info):
                 return (
-                    f"{name} group {group}: read to {delivered} of {newest},"
-                    f" pending {info['pending']}"
+                    f"{name} group {group}: read to {_text(info['last-delivered-id'])} of"
+                    f" {_text(newest)}, pending {info['pending']}"
                 )
         return None
 
