@@ -106,3 +106,29 @@ def test_status_without_a_ledger_says_so(redis_url):
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["portfolio"]["books"] == []
+
+
+def test_figures_made_by_division_show_to_eight_decimals():
+    from gridstream.cli.status import _book_report
+    from gridstream.core.portfolio import book_from_fills
+
+    rows = [
+        {
+            "venue": "simulator",
+            "symbol": SYMBOL,
+            "trade_id": t,
+            "side": "BUY",
+            "price": p,
+            "qty": q,
+            "fee": D(0),
+            "fee_asset": "USDT",
+        }
+        for t, p, q in (("1", D("1"), D("1")), ("2", D("2"), D("2")))
+    ]
+    book = book_from_fills(rows, quote="USDT")
+    report = _book_report(book, {SYMBOL: D("3")}, with_cash=False)
+    [pos] = report["positions"]
+    # cost 5 over 3 held: 1.666..., shown as the ledger's 8 decimals
+    assert pos["avg_cost"] == "1.66666667"
+    assert pos["unrealised"] == "4"  # 3 x 3 - 5, exact
+    assert pos["qty"] == "3"

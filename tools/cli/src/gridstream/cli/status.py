@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final
 
 import asyncpg
@@ -93,9 +93,19 @@ def _books(rows: list[FillRow], *, cash: Decimal | None, cash_asset: str) -> dic
     }
 
 
+#: Decimals of a figure derived by division (average cost and the PnL made from it):
+#: the ledger's own precision, not the 28 digits of the context.
+DERIVED_PLACES = Decimal("1E-8")
+
+
 def _num(value: Decimal) -> str:
     """A Decimal in plain notation, without trailing zeros (``6.0E+4`` -> ``60000``)."""
     return f"{value.normalize():f}"
+
+
+def _derived(value: Decimal) -> str:
+    """:func:`_num` of a figure derived by division, to 8 decimals (half up)."""
+    return _num(value.quantize(DERIVED_PLACES, rounding=ROUND_HALF_UP))
 
 
 def _book_report(book: FillBook, marks: dict[str, Decimal], with_cash: bool) -> dict[str, Any]:
@@ -110,9 +120,9 @@ def _book_report(book: FillBook, marks: dict[str, Decimal], with_cash: bool) -> 
                 "symbol": symbol,
                 "base": pos.base,
                 "qty": _num(pos.qty),
-                "avg_cost": _num(pos.avg_cost),
-                "realised": _num(pos.realised),
-                "unrealised": _num(pos.unrealised),
+                "avg_cost": _derived(pos.avg_cost),
+                "realised": _derived(pos.realised),
+                "unrealised": _derived(pos.unrealised),
                 "fees": _num(pos.fees),
                 "fees_by_asset": {a: _num(f) for a, f in sorted(pos.fees_by_asset.items())},
                 "last_price": None if pos.last_price is None else _num(pos.last_price),
@@ -122,12 +132,12 @@ def _book_report(book: FillBook, marks: dict[str, Decimal], with_cash: bool) -> 
     return {
         "quote": pf.quote,
         "positions": positions,
-        "realised": _num(pf.realised()),
-        "unrealised": _num(pf.unrealised()),
+        "realised": _derived(pf.realised()),
+        "unrealised": _derived(pf.unrealised()),
         "fees": _num(pf.fees()),
         "fees_paid": {a: _num(f) for a, f in sorted(pf.fees_paid.items())},
         "balances": {a: _num(b) for a, b in sorted(pf.balances.items())} if with_cash else None,
-        "equity": _num(pf.equity()) if with_cash else None,
+        "equity": _derived(pf.equity()) if with_cash else None,
     }
 
 
