@@ -8,11 +8,11 @@ the same position, average cost and realised PnL.
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import asyncpg
 
-from gridstream.cli.status import ledger_portfolio
+from gridstream.cli.status import DERIVED_PLACES, ledger_portfolio
 from gridstream.common.binance.filters import SymbolFilters
 from gridstream.common.messages import OrderFilled
 from gridstream.core.risk import RiskEngine
@@ -104,6 +104,8 @@ async def test_strategy_risk_and_status_agree_on_positions(redis_url, database_u
     assert {(p.avg_cost, p.realised) for p in positions} == {
         (positions[0].avg_cost, positions[0].realised)
     }
-    assert D(shown["avg_cost"]) == positions[0].avg_cost
-    assert D(shown["realised"]) == positions[0].realised
+    # status shows a figure made by division to the ledger's 8 decimals
+    places = DERIVED_PLACES
+    assert D(shown["avg_cost"]) == positions[0].avg_cost.quantize(places, rounding=ROUND_HALF_UP)
+    assert D(shown["realised"]) == positions[0].realised.quantize(places, rounding=ROUND_HALF_UP)
     assert shown["fees_by_asset"] == {"BNB": "0.00002", "BTC": "0.000003", "USDT": "0.062"}

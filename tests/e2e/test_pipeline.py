@@ -178,7 +178,7 @@ async def ledger(database_url: str) -> dict[str, Any]:
 
 def test_whole_pipeline_on_replayed_real_data(redis_url, database_url, tmp_path):
     stack = Stack(redis_url, database_url, tmp_path)
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r = redis.Redis.from_url(redis_url)  # raw: XINFO STREAM carries encoded entries
     sim = f"http://127.0.0.1:{stack.sim_port}"
     try:
         stack.start("simulator")
