@@ -50,7 +50,7 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Final, Literal, Protocol, runtime_checkable
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -71,7 +71,7 @@ from gridstream.core import orders as om
 from gridstream.core.fills import commission, path_vertices, vertex_times, would_cross_on_arrival
 from gridstream.core.portfolio import Portfolio
 from gridstream.core.risk import RiskEngine
-from gridstream.core.signals.batch import SignalSource
+from gridstream.core.signals.batch import BatchSignals, SignalColumns, SignalSource
 from gridstream.core.signals.engine import SignalEngine
 from gridstream.core.strategies.base import Strategy
 
@@ -294,6 +294,48 @@ class ColumnarStrategy(Protocol):
     def on_decision(self, c: Candle, value: int) -> list[OrderIntent]: ...
 
 
+@runtime_checkable
+class SkippingStrategy(Protocol):
+    """A strategy that decides on signals and, given every signal in advance, can prove
+    on which candles it would decide nothing as it stands now.
+
+    ``skip_plan`` prepares one series (its signals' columns, its closes in units of
+    ``10**-places``) once, or gives None (that series is then stepped candle by candle);
+    ``next_busy`` gives the first candle in ``[start, stop)`` where the strategy, in its
+    state now, may decide anything. A test holds the skipping run equal to the candle by
+    candle run, fill for fill.
+    """
+
+    def skip_plan(
+        self, symbol: str, signals: SignalColumns, close_units: np.ndarray, places: int
+    ) -> object | None: ...
+
+    def next_busy(self, symbol: str, plan: Any, start: int, stop: int) -> int: ...
+
+
+def price_units(texts: Sequence[str], places: int = 8) -> np.ndarray | None:
+    """Prices given as plain decimal text, as exact integers of ``10**-places`` (None if
+    one has more decimals or is not plain decimal text)."""
+    import polars as pl
+
+    try:
+        parts = pl.Series(texts, dtype=pl.Utf8).str.strip_chars().str.split_exact(".", 1)
+        whole = parts.struct.field("field_0").cast(pl.Int64, strict=True)
+        frac = parts.struct.field("field_1").fill_null("")
+        if bool((frac.str.len_chars() > places).any()) or bool(
+            (whole < 0).any() or whole.null_count()
+        ):
+            return None
+        scaled = frac.str.pad_end(places, "0").cast(pl.Int64, strict=True)
+        units = whole * 10**places + scaled
+        if units.null_count():
+            return None
+        out: np.ndarray = units.to_numpy()
+        return out
+    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError):
+        return None
+
+
 @dataclass
 class _Order:
     intent: OrderIntent
@@ -479,6 +521,98 @@ class Backtester:
                     queued.add(j + 1)
                     heapq.heappush(heap, j + 1)
             changes.append((j, pf.balance(pf.quote), [pf.balance(base_of[s]) for s in syms]))
+        self._fill_curve(bars, syms, n, changes)
+        for s in syms:
+            self.first_open[s] = Decimal(bars[s].open[0]) if n else ZERO
+            if n:
+                self.last_close[s] = Decimal(bars[s].close[-1])
+                pf.mark(s, self.last_close[s])
+        self.candles = n * len(syms)
+        return self.result()
+
+    def run_skipping(self, bars: Mapping[str, Bars]) -> BacktestResult:
+        """The same run for a :class:`SkippingStrategy` on :class:`BatchSignals`, over
+        symbols that share one timeline: a symbol's candle is stepped through the engines
+        only where its strategy may decide (``next_busy``) or its range reaches one of its
+        orders; every other candle would do nothing but mark the portfolio, and equity in
+        between is the balances times the closes."""
+        strategy, signals = self.strategy, self.signals
+        if not isinstance(strategy, SkippingStrategy) or not isinstance(signals, BatchSignals):
+            raise TypeError(f"{self.strategy.name}: no skipping run (or no batch signals)")
+        syms = sorted(bars)
+        first = bars[syms[0]]
+        if any(not np.array_equal(bars[s].open_time, first.open_time) for s in syms[1:]):
+            raise ValueError("the skipping run needs one timeline for every symbol")
+        from gridstream.core import scan
+
+        n = len(first)
+        plans: dict[str, object | None] = {}
+        ranges: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
+        for s in syms:
+            b = bars[s]
+            whole = len(b.close_units) == len(b)
+            plans[s] = (
+                strategy.skip_plan(s, signals.columns(s), b.close_units, CLOSE_PLACES)
+                if whole
+                else None
+            )
+            low, high = price_units(b.low, CLOSE_PLACES), price_units(b.high, CLOSE_PLACES)
+            ranges[s] = (low, high) if low is not None and high is not None else None
+        fs = self.fill
+        unit = Decimal(10) ** CLOSE_PLACES
+
+        def next_busy(s: str, start: int) -> int:
+            if start >= n:
+                return n
+            plan = plans[s]
+            stop = start if plan is None else strategy.next_busy(s, plan, start, n)
+            book = self.book[s]
+            if not book or stop == start:
+                return stop
+            rng = ranges[s]
+            if rng is None:
+                return start
+            through = fs.tick(s) * unit if fs.queue == "through" else ZERO
+            buy_at, sell_at = -1, 2**62
+            open_ms = int(first.open_time[start])
+            for o in book.values():
+                it = o.intent
+                if o.remaining <= 0:
+                    continue
+                if it.order_type == OrderTypes.MARKET or not o.arrived:
+                    return start  # it arrives or fills at the next candle: step it
+                if o.active_from_ms > open_ms:
+                    return start
+                u = it.price * unit
+                if u != u.to_integral_value():
+                    return start
+                if it.side == "BUY":
+                    buy_at = max(buy_at, int(u - through))
+                else:
+                    sell_at = min(sell_at, int(u + through))
+            return scan.first_reach(rng[0], rng[1], start, stop, buy_at, sell_at)
+
+        pf = self.portfolio
+        base_of = {s: self.assets[s][0] for s in syms}
+        due = {s: next_busy(s, 0) for s in syms}
+        changes: list[tuple[int, Decimal, list[Decimal]]] = []
+        while True:
+            j = min(due.values())
+            if j >= n:
+                break
+            group = [(s, bars[s].candle(j)) for s in syms if due[s] == j]
+            for s, c in group:
+                self.last_close[s] = c.close
+                for event in self._fills_in(c):
+                    self._feed(event, self._fills_time(c))
+            for s, c in group:
+                pf.mark(s, c.close)
+                self._feed(c, c.close_time)
+                for sig in signals.signal_at(c, j):
+                    self._feed(sig, c.close_time)
+            changes.append((j, pf.balance(pf.quote), [pf.balance(base_of[s]) for s in syms]))
+            for s, _c in group:
+                due[s] = next_busy(s, j + 1)
         self._fill_curve(bars, syms, n, changes)
         for s in syms:
             self.first_open[s] = Decimal(bars[s].open[0]) if n else ZERO

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 REGIME_GUARD: Final = 1e-7
 
 Floats = npt.NDArray[np.float64]
+
+#: Every regime in a fixed order: :attr:`SignalColumns.regime` holds indices into it.
+REGIMES: Final[tuple[Regime, ...]] = get_args(Regime)
 
 
 class SignalSource(Protocol):
@@ -73,6 +76,18 @@ class SeriesColumns:
             close=np.asarray(bars.close, dtype=np.float64),
             volume=np.asarray(bars.volume, dtype=np.float64),
         )
+
+
+@dataclass(frozen=True)
+class SignalColumns:
+    """What a strategy decides on, for every candle of one series, as columns: row ``i``
+    is the signal of candle ``i`` (``has_signal[i]`` False while warming up)."""
+
+    has_signal: npt.NDArray[np.bool_]
+    ema: Floats
+    atr: Floats
+    #: indices into :data:`REGIMES`
+    regime: npt.NDArray[np.int8]
 
 
 @dataclass
@@ -130,6 +145,7 @@ class BatchSignals:
         #: symbols whose regime inputs came near a threshold: computed by the engine
         self.by_engine: list[str] = []
         self._rows = {s: self._compute(s, cols) for s, cols in series.items()}
+        self._columns: dict[str, SignalColumns] = {}
 
     @property
     def warmup(self) -> int:
@@ -198,6 +214,37 @@ class BatchSignals:
                 values.append(nan)
                 regimes.append("warmup")
         return _Rows(times, values, regimes)
+
+    def columns(self, symbol: str) -> SignalColumns:
+        """The signals of ``symbol`` as columns (made once)."""
+        got = self._columns.get(symbol)
+        if got is None:
+            rows = self._rows[symbol]
+            n = len(rows.open_time)
+            k_ema, k_atr = INDICATORS.index("ema"), INDICATORS.index("atr")
+            code = {r: k for k, r in enumerate(REGIMES)}
+            has = np.zeros(n, dtype=np.bool_)
+            has[max(self._warmup - 1, 0) :] = True
+            got = self._columns[symbol] = SignalColumns(
+                has_signal=has,
+                ema=np.asarray([v[k_ema] for v in rows.values], dtype=np.float64),
+                atr=np.asarray([v[k_atr] for v in rows.values], dtype=np.float64),
+                regime=np.asarray([code[r] for r in rows.regime], dtype=np.int8),
+            )
+        return got
+
+    def signal_at(self, candle: Candle, i: int) -> list[Signal]:
+        """The signal of ``candle``, row ``i`` of its series, out of sequence (a run that
+        skips candles): what ``on_candle`` gives for it in sequence."""
+        rows = self._rows.get(candle.symbol)
+        if rows is None or candle.interval != self.interval:
+            raise ValueError(f"no batch signals for {candle.symbol} {candle.interval}")
+        if not 0 <= i < len(rows.open_time) or rows.open_time[i] != candle.open_time:
+            raise ValueError(f"{candle.symbol} {candle.open_time}: not row {i} of its series")
+        if i + 1 < self._warmup:
+            return []
+        values = dict(zip(INDICATORS, rows.values[i], strict=True))
+        return [make_signal(candle, values, rows.regime[i])]
 
     def on_candle_values(self, symbol: str, i: int) -> dict[str, float]:
         """The indicator values of row ``i`` of ``symbol`` (NaN before each warm-up)."""

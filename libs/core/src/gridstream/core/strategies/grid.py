@@ -33,7 +33,10 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+import numpy.typing as npt
 
 from gridstream.common.messages import (
     Actions,
@@ -52,6 +55,10 @@ from gridstream.common.messages import (
 from gridstream.core.portfolio import QUOTE_ASSETS as QUOTE_ASSETS
 from gridstream.core.portfolio import Assets, FillBook, FillRow
 from gridstream.core.portfolio import base_asset as base_asset
+
+if TYPE_CHECKING:
+    from gridstream.core.signals.batch import SignalColumns
+    from gridstream.core.strategies.grid_scan import GridPlan
 
 #: Prefix of every client order id the grid strategy makes.
 CLIENT_ID_PREFIX: Final = "gs-"
@@ -318,6 +325,46 @@ class GridEngine:
                 elif qty > 0:
                     sells_open = False
         return Grid(centre, spacing, tuple(levels))
+
+    # -- whole columns (a backtest that knows every signal) ---------------------------------
+    def skip_plan(
+        self, symbol: str, signals: SignalColumns, close_units: npt.NDArray[np.int64], places: int
+    ) -> GridPlan | None:
+        """The state-free part of ``symbol``'s wanted grids for every candle
+        (:func:`gridstream.core.strategies.grid_scan.plan`), None if it cannot be made."""
+        from gridstream.core.strategies import grid_scan
+
+        return grid_scan.plan(self.params, symbol, signals, close_units, places)
+
+    def next_busy(self, symbol: str, plan: GridPlan, start: int, stop: int) -> int:
+        """The first candle in ``[start, stop)`` whose signal may make this engine, as it
+        stands now, decide anything (``stop`` if none): a candle before it gives no intent
+        (:func:`gridstream.core.strategies.grid_scan.next_busy`)."""
+        from gridstream.core.strategies import grid_scan
+
+        p = self.params
+        tick, step = p.tick(symbol), p.step(symbol)
+        buys: list[int] = []
+        sells: list[int] = []
+        for o in self.live(symbol):
+            if o.cancel_pending:
+                continue
+            ticks = o.price / tick
+            if ticks != ticks.to_integral_value():
+                return start  # off the tick grid (adopted): the engine decides
+            (buys if o.side == "BUY" else sells).append(int(ticks))
+        buys.sort(reverse=True)
+        sells.sort()
+        available = int(max(self.book.qty(symbol), Decimal(0)) / step)  # floor: >= 0
+        return grid_scan.next_busy(
+            plan,
+            start,
+            stop,
+            np.asarray(buys, dtype=np.int64),
+            np.asarray(sells, dtype=np.int64),
+            available,
+            bool(buys or sells),
+        )
 
     def on_signal(self, signal: Signal) -> list[OrderIntent]:
         symbol = signal.symbol
