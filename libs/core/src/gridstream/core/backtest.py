@@ -50,7 +50,7 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -74,6 +74,9 @@ from gridstream.core.risk import RiskEngine
 from gridstream.core.signals.batch import BatchSignals, SignalColumns, SignalSource
 from gridstream.core.signals.engine import SignalEngine
 from gridstream.core.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    import polars as pl
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -313,13 +316,14 @@ class SkippingStrategy(Protocol):
     def next_busy(self, symbol: str, plan: Any, start: int, stop: int) -> int: ...
 
 
-def price_units(texts: Sequence[str], places: int = 8) -> np.ndarray | None:
-    """Prices given as plain decimal text, as exact integers of ``10**-places`` (None if
-    one has more decimals or is not plain decimal text)."""
+def price_units(texts: Sequence[str] | pl.Series, places: int = 8) -> np.ndarray | None:
+    """Prices given as plain decimal text (a list, or a text column), as exact integers of
+    ``10**-places`` (None if one has more decimals or is not plain decimal text)."""
     import polars as pl
 
+    column = texts if isinstance(texts, pl.Series) else pl.Series(texts, dtype=pl.Utf8)
     try:
-        parts = pl.Series(texts, dtype=pl.Utf8).str.strip_chars().str.split_exact(".", 1)
+        parts = column.str.strip_chars().str.split_exact(".", 1)
         whole = parts.struct.field("field_0").cast(pl.Int64, strict=True)
         frac = parts.struct.field("field_1").fill_null("")
         if bool((frac.str.len_chars() > places).any()) or bool(

@@ -56,6 +56,8 @@ from gridstream.core.backtest import (
     Bars,
     ColumnarStrategy,
     FillSettings,
+    SkippingStrategy,
+    price_units,
 )
 from gridstream.core.risk import DEFAULT_MAX_EXPOSURE_QUOTE, RiskEngine
 from gridstream.core.signals.batch import BatchSignals, SeriesColumns, SignalSource
@@ -133,19 +135,7 @@ def _frame(path: Path) -> pl.DataFrame:
 
 def close_units(closes: pl.Series) -> np.ndarray | None:
     """Closes as integers of 10**-8 (None if one has more decimals or is not plain)."""
-    try:
-        parts = closes.str.strip_chars().str.split_exact(".", 1)
-        whole = parts.struct.field("field_0").cast(pl.Int64, strict=True)
-        frac = parts.struct.field("field_1").fill_null("")
-        if bool((frac.str.len_chars() > CLOSE_PLACES).any()):
-            return None
-        scaled = frac.str.pad_end(CLOSE_PLACES, "0").cast(pl.Int64, strict=True)
-        units = whole * 10**CLOSE_PLACES + scaled
-        if units.null_count():
-            return None
-        return units.to_numpy()
-    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError):
-        return None
+    return price_units(closes, CLOSE_PLACES)
 
 
 def load_file(path: Path) -> list[Bars]:
@@ -293,15 +283,20 @@ def load_candles(specs: Sequence[str], database_url: str | None = None) -> dict[
     return by_symbol
 
 
+def one_timeline(bars: Mapping[str, Bars]) -> bool:
+    """Do all the series open at the same times?"""
+    series = list(bars.values())
+    first = series[0].open_time
+    return all(np.array_equal(b.open_time, first) for b in series[1:])
+
+
 def columnar(strategy: object, bars: Mapping[str, Bars]) -> bool:
     """Can this run take the columnar path (same fills, fewer steps)?"""
     if not isinstance(strategy, ColumnarStrategy):
         return False
-    series = list(bars.values())
-    if any(len(b.close_units) != len(b) for b in series):
+    if any(len(b.close_units) != len(b) for b in bars.values()):
         return False
-    first = series[0].open_time
-    return all(np.array_equal(b.open_time, first) for b in series[1:])
+    return one_timeline(bars)
 
 
 # -- settings ------------------------------------------------------------------------------
@@ -497,6 +492,13 @@ def simulate(
     )
     if risk is None and columnar(strat, series):
         return bt.run_columnar(series)
+    if (
+        isinstance(strat, SkippingStrategy)
+        and isinstance(signals, BatchSignals)
+        and one_timeline(series)
+    ):
+        # the same fills, stepping only the candles where something can happen
+        return bt.run_skipping(series)
     total = sum(len(s) for s in series.values())
     bar = None
     if progress is not False and total >= PROGRESS_FROM:
