@@ -77,7 +77,7 @@ def new_id() -> str:
 
 def deterministic_id(*parts: object) -> str:
     """An id derived from content, so a replayed input gives the same output id."""
-    return ":".join(str(p) for p in parts)
+    return ":".join(map(str, parts))
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):

@@ -555,12 +555,17 @@ def apply(state: OrderState, event: OrderEvent) -> Transition:
         status = target
     if isinstance(event, Submitted):
         deadline = event.deadline_ns
-    after = dataclasses.replace(
-        state,
+    # every field named (not dataclasses.replace): a backtest applies several per order
+    after = OrderState(
+        client_order_id=state.client_order_id,
+        qty=state.qty,
         status=status,
+        filled_qty=state.filled_qty,
+        filled_notional=state.filled_notional,
         venue_order_id=_venue_id(state, event),
         deadline_ns=deadline,
         ts_updated=event.ts_event,
+        trade_ids=state.trade_ids,
     )
     return Transition(state, after, event, Verdict.APPLIED, reason)
 

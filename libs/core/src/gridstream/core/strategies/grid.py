@@ -27,6 +27,7 @@ a redelivered signal can never double an order.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections import OrderedDict
@@ -84,6 +85,7 @@ def to_base36(n: int) -> str:
             return out
 
 
+@functools.lru_cache(maxsize=4096)
 def symbol_code(symbol: str) -> str:
     """The symbol itself when short and alphanumeric, else a prefix and a checksum."""
     if len(symbol) <= _MAX_SYMBOL_CODE and symbol.isalnum():
@@ -212,6 +214,8 @@ class GridEngine:
         self.book = FillBook(assets=assets)
         self._closed = _Recent()
         self._last: dict[str, tuple[int, list[OrderIntent]]] = {}
+        #: live order -> its price in ticks (for :meth:`next_busy`)
+        self._ticks: dict[str, int] = {}
 
     # -- state ----------------------------------------------------------------------------------
     def live(self, symbol: str) -> list[LiveOrder]:
@@ -229,13 +233,15 @@ class GridEngine:
 
     def forget(self, symbol: str) -> None:
         """Drop every state of ``symbol`` (another replica handles it now)."""
-        self.orders.pop(symbol, None)
+        for coid in self.orders.pop(symbol, {}):
+            self._ticks.pop(coid, None)
         self.book.forget(symbol)
         self._last.pop(symbol, None)
 
     def _close(self, symbol: str, coid: str) -> None:
         self._closed.add(coid)
         self.orders.get(symbol, {}).pop(coid, None)
+        self._ticks.pop(coid, None)
 
     # -- messages -------------------------------------------------------------------------------
     def on_message(self, msg: AnyMessage) -> list[OrderIntent]:
@@ -346,13 +352,17 @@ class GridEngine:
         tick, step = p.tick(symbol), p.step(symbol)
         buys: list[int] = []
         sells: list[int] = []
-        for o in self.live(symbol):
+        known = self._ticks
+        for o in self.orders.get(symbol, {}).values():
             if o.cancel_pending:
                 continue
-            ticks = o.price / tick
-            if ticks != ticks.to_integral_value():
-                return start  # off the tick grid (adopted): the engine decides
-            (buys if o.side == "BUY" else sells).append(int(ticks))
+            t = known.get(o.client_order_id)
+            if t is None:
+                ticks = o.price / tick
+                if ticks != ticks.to_integral_value():
+                    return start  # off the tick grid (adopted): the engine decides
+                t = known[o.client_order_id] = int(ticks)
+            (buys if o.side == "BUY" else sells).append(t)
         buys.sort(reverse=True)
         sells.sort()
         available = int(max(self.book.qty(symbol), Decimal(0)) / step)  # floor: >= 0
