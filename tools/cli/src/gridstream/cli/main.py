@@ -1,29 +1,24 @@
-"""The ``gridstream`` command: status, tail, dlq, run, migrate, lockstep, ..."""
+"""The ``gridstream`` command: status, tail, dlq, run, migrate, lockstep, ...
+
+Each command imports what it needs when it runs, and only that: ``gridstream backtest``
+loads no Redis, Postgres or HTTP client, ``gridstream tail`` no Polars (see
+:func:`build_parser`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import asyncpg
+if TYPE_CHECKING:
+    from .supervise import BackoffPolicy
 
-from gridstream.common import db
-from gridstream.common.runtime import redis_client
-
-from . import history as history_mod
-from . import lockstep as lockstep_mod
-from . import run as run_mod
-from . import signals_export
-from . import status as status_mod
-from . import tail as tail_mod
-from .common import database_url, ensure_database, redis_url
-from .supervise import BackoffPolicy
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 T = TypeVar("T")
 
@@ -34,6 +29,10 @@ def _write_line(data: bytes) -> None:
 
 
 async def _with_redis(fn: Callable[..., Awaitable[T]], *args: object, **kw: object) -> T:
+    from gridstream.common.runtime import redis_client
+
+    from .common import redis_url
+
     redis = redis_client(redis_url())
     try:
         return await fn(redis, *args, **kw)
@@ -52,6 +51,11 @@ def _decimal(text: str) -> Decimal:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import status as status_mod
+    from .common import database_url
+
     print(
         asyncio.run(
             _with_redis(
@@ -71,6 +75,10 @@ def _following(after: str) -> None:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import tail as tail_mod
+
     try:
         asyncio.run(
             _with_redis(
@@ -89,18 +97,34 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import tail as tail_mod
+
     n = asyncio.run(_with_redis(tail_mod.dlq_list, args.group, _write_line))
     print(f"{n} dead letter(s) in group {args.group}", file=sys.stderr)
     return 0
 
 
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import tail as tail_mod
+
     n = asyncio.run(_with_redis(tail_mod.dlq_replay, args.group, limit=args.limit))
     print(f"replayed {n} dead letter(s) of group {args.group} to their streams")
     return 0
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
+    import asyncio
+
+    import asyncpg
+
+    from gridstream.common import db
+
+    from .common import database_url, ensure_database
+
     async def go() -> list[str]:
         url = database_url()
         await ensure_database(url)
@@ -116,6 +140,8 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 
 
 def _backoff(cap_s: float) -> BackoffPolicy:
+    from .supervise import BackoffPolicy
+
     default = BackoffPolicy()
     if cap_s <= 0:
         raise SystemExit("gridstream run: --restart-cap must be > 0")
@@ -123,6 +149,8 @@ def _backoff(cap_s: float) -> BackoffPolicy:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import run as run_mod
+
     try:
         services, explicit = run_mod.parse_services(args.services)
     except ValueError as exc:
@@ -141,13 +169,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_mod.run(options)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gridstream", description="gridstream: run the stack and look inside its streams"
-    )
-    sub = p.add_subparsers(dest="command", required=True)
+#: Every command, in the order ``gridstream --help`` lists them, with the help it shows
+#: there (a test holds these equal to each command's own parser).
+COMMANDS: Final[dict[str, str]] = {
+    "status": "streams, groups (lag, pending), dead letters, health",
+    "tail": "decode a stream's entries, one JSON line each",
+    "dlq": "dead letters of a consumer group",
+    "run": "the whole stack as local processes (make run)",
+    "migrate": "apply the Postgres migrations to DATABASE_URL",
+    "backfill": "fill Postgres with closed candles from REST klines",
+    "import": "load candle files (CSV, CSV.gz, zip, Parquet)",
+    "lockstep": "drive a lockstep replay (GS_SIM_LOCKSTEP=true) of the running stack",
+    "signals": "signals research tools",
+    "backtest": "run a strategy of the kernel over candles (files or the candles table)",
+    "sweep": "a backtest per combination of settings, on every core, ranked",
+    "walkforward": "fit on one window, judge on the next, rolling",
+    "config": "the effective settings (environment, secret files, defaults), masked",
+}
 
-    st = sub.add_parser("status", help="streams, groups (lag, pending), dead letters, health")
+
+def _add_status(sub: Subparsers) -> None:
+    from . import status as status_mod
+
+    st = sub.add_parser("status", help=COMMANDS["status"])
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.add_argument(
         "--cash",
@@ -166,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     st.set_defaults(fn=cmd_status)
 
-    tl = sub.add_parser("tail", help="decode a stream's entries, one JSON line each")
+
+def _add_tail(sub: Subparsers) -> None:
+    tl = sub.add_parser("tail", help=COMMANDS["tail"])
     tl.add_argument("stream", help="e.g. gs:candles:BTCUSDT or gs:dlq:risk")
     where = tl.add_mutually_exclusive_group()
     where.add_argument("--from", dest="from_id", metavar="ID", help="start at this entry id")
@@ -174,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--follow", "-f", action="store_true", help="keep printing new entries")
     tl.set_defaults(fn=cmd_tail)
 
-    dq = sub.add_parser("dlq", help="dead letters of a consumer group")
+
+def _add_dlq(sub: Subparsers) -> None:
+    dq = sub.add_parser("dlq", help=COMMANDS["dlq"])
     dsub = dq.add_subparsers(dest="dlq_command", required=True)
     dl = dsub.add_parser("list", help="show the dead letters with their reasons")
     dl.add_argument("group")
@@ -184,9 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--limit", type=int, default=1000)
     dr.set_defaults(fn=cmd_dlq_replay)
 
+
+def _add_run(sub: Subparsers) -> None:
+    from . import run as run_mod
+    from .supervise import BackoffPolicy
+
     rn = sub.add_parser(
         "run",
-        help="the whole stack as local processes (make run)",
+        help=COMMANDS["run"],
         description=run_mod.__doc__,
         epilog=run_mod.ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -217,22 +270,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rn.set_defaults(fn=cmd_run)
 
-    mg = sub.add_parser("migrate", help="apply the Postgres migrations to DATABASE_URL")
+
+def _add_migrate(sub: Subparsers) -> None:
+    mg = sub.add_parser("migrate", help=COMMANDS["migrate"])
     mg.set_defaults(fn=cmd_migrate)
 
-    history_mod.add_parsers(sub)
-    lockstep_mod.add_parser(sub)
-    signals_export.add_parser(sub)
-    add_backtest_parser(sub)
-    add_research_parsers(sub)
 
-    cf = sub.add_parser(
-        "config", help="the effective settings (environment, secret files, defaults), masked"
-    )
-    cf.add_argument("--service", choices=sorted({*run_mod.ALL}), help="only this service's")
+def _add_history(sub: Subparsers) -> None:
+    from . import history
+
+    history.add_parsers(sub)
+
+
+def _add_lockstep(sub: Subparsers) -> None:
+    from . import lockstep
+
+    lockstep.add_parser(sub)
+
+
+def _add_signals(sub: Subparsers) -> None:
+    from . import signals_export
+
+    signals_export.add_parser(sub)
+
+
+def _add_config(sub: Subparsers) -> None:
+    from .run import ALL
+
+    cf = sub.add_parser("config", help=COMMANDS["config"])
+    cf.add_argument("--service", choices=sorted({*ALL}), help="only this service's")
     cf.add_argument("--json", action="store_true", help="machine-readable output")
     cf.set_defaults(fn=cmd_config)
+
+
+def _groups() -> tuple[tuple[Callable[[Subparsers], None], tuple[str, ...]], ...]:
+    """Who adds each command's parser: (the function, the commands it adds, in order)."""
+    return (
+        (_add_status, ("status",)),
+        (_add_tail, ("tail",)),
+        (_add_dlq, ("dlq",)),
+        (_add_run, ("run",)),
+        (_add_migrate, ("migrate",)),
+        (_add_history, ("backfill", "import")),
+        (_add_lockstep, ("lockstep",)),
+        (_add_signals, ("signals",)),
+        (add_backtest_parser, ("backtest",)),
+        (add_research_parsers, ("sweep", "walkforward")),
+        (_add_config, ("config",)),
+    )
+
+
+def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
+    """The ``gridstream`` parser, every command complete; with ``lazy``, only ``command``
+    (None: none) gets its own arguments, and so imports its module and what that needs,
+    while every other command is listed with its help alone (all ``gridstream --help``
+    shows of it)."""
+    p = argparse.ArgumentParser(
+        prog="gridstream", description="gridstream: run the stack and look inside its streams"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for add, names in _groups():
+        if not lazy or command in names:
+            add(sub)
+        else:
+            for name in names:
+                sub.add_parser(name, help=COMMANDS[name])
     return p
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The command an argument list runs: its first word that is no option."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _research_common(p: argparse.ArgumentParser) -> None:
@@ -252,12 +360,12 @@ def _research_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sort", default="sharpe", help="the metric to rank by (default sharpe)")
 
 
-def add_research_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_research_parsers(sub: Subparsers) -> None:
     from . import research
 
     sw = sub.add_parser(
         "sweep",
-        help="a backtest per combination of settings, on every core, ranked",
+        help=COMMANDS["sweep"],
         description=research.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -267,7 +375,7 @@ def add_research_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser
     sw.set_defaults(fn=cmd_sweep)
     wf = sub.add_parser(
         "walkforward",
-        help="fit on one window, judge on the next, rolling",
+        help=COMMANDS["walkforward"],
         description=research.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -378,12 +486,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_backtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_backtest_parser(sub: Subparsers) -> None:
     from gridstream.core.strategies import STRATEGIES
 
     bt = sub.add_parser(
         "backtest",
-        help="run a strategy of the kernel over candles (files or the candles table)",
+        help=COMMANDS["backtest"],
         description="Run a strategy of the trading kernel over candles; writes fills.csv, "
         "equity.csv, metrics.json and report.html to --out. Strategies: "
         + "; ".join(f"{n}: {s.help}" for n, s in sorted(STRATEGIES.items())),
@@ -418,7 +526,8 @@ def add_backtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_of(words), lazy=True).parse_args(words)
     raise SystemExit(args.fn(args))
 
 
