@@ -231,3 +231,20 @@ def test_report_draws_every_plot_in_headless_chromium(tmp_path, slice_file):
     errors = re.search(r'<div id="errors">(.*?)</div>', dom, re.S)
     assert errors is not None and errors.group(1).strip() == ""
     assert "Uncaught" not in run.stderr and "CONSOLE" not in run.stderr.replace("CONSOLE(0)", "")
+
+
+def test_a_run_pauses_the_garbage_collector_and_restores_it():
+    import gc
+
+    from gridstream.cli.backtest import gc_paused
+
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()

@@ -30,14 +30,16 @@ The config file (TOML) may hold ``[strategy]`` (the ``--set`` keys), ``[fill]`` 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gc
 import gzip
 import json
 import math
 import sys
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -516,6 +518,25 @@ def simulate(
             bar.close()
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block (back on after, if it was on).
+
+    A backtest makes millions of objects that live to its end (the candles' text, the
+    equity curve, fills, orders) and no garbage that needs more than reference counting,
+    bar a few hundred small cycles; with the collector on, every full collection walks
+    all of them again: about 2 s of a 1M-bar ``sma-cross`` run, for nothing.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@gc_paused()
 def run(
     *,
     strategy: str,
@@ -532,7 +553,8 @@ def run(
     exchange_info: str | None = None,
     max_exposure: str | None = None,
 ) -> dict[str, Any]:
-    """Run one backtest and write ``out``; returns the metrics."""
+    """Run one backtest and write ``out``; returns the metrics (the garbage collector
+    paused meanwhile: :func:`gc_paused`)."""
     from .report import write_report
 
     emit = write or (lambda text: print(text))
