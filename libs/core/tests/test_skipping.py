@@ -29,7 +29,7 @@ SYMBOLS = {s: (s[:-4], "USDT") for s in ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUS
 N = 5000
 
 CASES = [
-    pytest.param(GridParams(), FillSettings(), "10000000", None, 0.3, id="defaults"),
+    pytest.param(GridParams(), FillSettings(), "10000000", None, 0.2, id="defaults"),
     pytest.param(
         GridParams(levels=5, tolerance=Decimal("0.3"), atr_mult=Decimal("1.5")),
         FillSettings(queue="through", latency_ms=20_000),

@@ -350,8 +350,8 @@ class GridEngine:
 
         p = self.params
         tick, step = p.tick(symbol), p.step(symbol)
-        buys: list[int] = []
-        sells: list[int] = []
+        live: list[int] = []
+        is_buy: list[bool] = []
         known = self._ticks
         for o in self.orders.get(symbol, {}).values():
             if o.cancel_pending:
@@ -362,18 +362,16 @@ class GridEngine:
                 if ticks != ticks.to_integral_value():
                     return start  # off the tick grid (adopted): the engine decides
                 t = known[o.client_order_id] = int(ticks)
-            (buys if o.side == "BUY" else sells).append(t)
-        buys.sort(reverse=True)
-        sells.sort()
+            live.append(t)
+            is_buy.append(o.side == "BUY")
         available = int(max(self.book.qty(symbol), Decimal(0)) / step)  # floor: >= 0
         return grid_scan.next_busy(
             plan,
             start,
             stop,
-            np.asarray(buys, dtype=np.int64),
-            np.asarray(sells, dtype=np.int64),
+            np.asarray(live, dtype=np.int64),
+            np.asarray(is_buy, dtype=np.bool_),
             available,
-            bool(buys or sells),
         )
 
     def on_signal(self, signal: Signal) -> list[OrderIntent]:

@@ -20,9 +20,10 @@ candle run, fill for fill). In particular:
   :data:`GUARD` of a whole number of ticks) is not proved idle;
 * the close-based terms of the spacing and every quantity are exact integer arithmetic
   (the Decimal engine's results, to the step);
-* a live order keeps its level when it is within the tolerance *and* strictly within half
-  a spacing of its wanted level: levels are one spacing apart, so it is then the one
-  nearest order the engine's matching picks for that level.
+* the matching is the engine's own, transcribed: each wanted level in turn takes the
+  nearest unused live order of its side within the tolerance (the first of equals, in
+  the engine's order); the candle is idle when every level finds one and no live order
+  is left over.
 """
 
 from __future__ import annotations
@@ -162,6 +163,39 @@ def _pack(values: Ints, ok: npt.NDArray[np.bool_], n: int, levels: int) -> tuple
 
 
 @njit(cache=True, nogil=True)
+def _unmatched(
+    wanted: Ints,
+    count: int,
+    j: int,
+    live: Ints,
+    side: npt.NDArray[np.bool_],
+    want_side: bool,
+    used: npt.NDArray[np.bool_],
+    s: int,
+    tol_n: int,
+    tol_d: int,
+) -> bool:  # pragma: no cover - compiled
+    """True when a wanted level of one side finds no live order (the engine's matching:
+    each level in turn takes the nearest unused live order of its side within the
+    tolerance, the first of equals)."""
+    for k in range(count):
+        w = wanted[k, j]
+        best = -1
+        best_d = 0
+        for m in range(len(live)):
+            if used[m] or side[m] != want_side:
+                continue
+            d = abs(live[m] - w)
+            if d * tol_d <= tol_n * s and (best < 0 or d < best_d):
+                best = m
+                best_d = d
+        if best < 0:
+            return True
+        used[best] = True
+    return False
+
+
+@njit(cache=True, nogil=True)
 def _scan(
     start: int,
     stop: int,
@@ -174,42 +208,40 @@ def _scan(
     sell_cum: Ints,
     tol_n: int,
     tol_d: int,
-    live_buys: Ints,
-    live_sells: Ints,
+    live: Ints,
+    is_buy: npt.NDArray[np.bool_],
     available: int,
-    any_live: bool,
 ) -> int:  # pragma: no cover - compiled
-    nb = len(live_buys)
-    ns = len(live_sells)
+    n_live = len(live)
+    n_buy = 0
+    for m in range(n_live):
+        if is_buy[m]:
+            n_buy += 1
+    used = np.zeros(n_live, dtype=np.bool_)
     for j in range(start, stop):
-        m = mode[j]
-        if m == 0:
+        mo = mode[j]
+        if mo == 0:
             continue
-        if m == 1:
-            if any_live:
+        if mo == 1:
+            if n_live:
                 return j
             continue
-        if m == 3:
+        if mo == 3:
             return j
-        if buy_count[j] != nb:
+        want_sells = 0
+        for k in range(sell_count[j]):
+            if sell_cum[k, j] > available:
+                break
+            want_sells += 1
+        # every live order must match a wanted level: as many of each side as wanted
+        if buy_count[j] != n_buy or want_sells != n_live - n_buy:
             return j
         s = spacing[j]
-        for k in range(nb):
-            d = abs(buys[k, j] - live_buys[k])
-            if 2 * d >= s or d * tol_d > tol_n * s:
-                return j
-        want = 0
-        for k in range(sell_count[j]):
-            if sell_cum[k, j] <= available:
-                want += 1
-            else:
-                break
-        if want != ns:
+        used[:] = False
+        if _unmatched(buys, buy_count[j], j, live, is_buy, True, used, s, tol_n, tol_d):
             return j
-        for k in range(ns):
-            d = abs(sells[k, j] - live_sells[k])
-            if 2 * d >= s or d * tol_d > tol_n * s:
-                return j
+        if _unmatched(sells, want_sells, j, live, is_buy, False, used, s, tol_n, tol_d):
+            return j
     return stop
 
 
@@ -217,14 +249,13 @@ def next_busy(
     p: GridPlan,
     start: int,
     stop: int,
-    live_buys: Ints,
-    live_sells: Ints,
+    live: Ints,
+    is_buy: npt.NDArray[np.bool_],
     available_steps: int,
-    any_live: bool,
 ) -> int:
     """The first candle in ``[start, stop)`` where the engine, holding these live orders
-    (prices in ticks: buys highest first, sells lowest first) and this inventory (in
-    steps), may decide something; ``stop`` if none."""
+    (prices in ticks, in the engine's order) and this inventory (in steps), may decide
+    something; ``stop`` if none."""
     return int(
         _scan(
             start,
@@ -238,9 +269,8 @@ def next_busy(
             p.sell_cum,
             p.tolerance[0],
             p.tolerance[1],
-            live_buys,
-            live_sells,
+            live,
+            is_buy,
             available_steps,
-            any_live,
         )
     )
