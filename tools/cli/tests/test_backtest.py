@@ -248,3 +248,31 @@ def test_a_run_pauses_the_garbage_collector_and_restores_it():
         assert not gc.isenabled()  # left as it was found
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # the repo's layout, rows out of order, extra columns the backtest does not read
+        "open_time_ms,open,high,low,close,volume,close_time,x\n"
+        "120000,2,2.5,1.5,2.25,7,179999,q\n60000,1,2,0.5,1.5,10,119999,q\n",
+        # Binance's headerless kline CSV
+        "60000,1,2,0.5,1.5,10,119999,0,0,0,0,0\n120000,2,2.5,1.5,2.25,7,179999,0,0,0,0,0\n",
+        # names in any case, padded, quoted, in any order; open_time for open_time_ms
+        '"volume", Open ,HIGH,low,close,open_time\n10,1,2,0.5,1.5,60000\n7,2,2.5,1.5,2.25,120000\n',
+        # the same name twice: read whole, as ever
+        "open_time_ms,open,high,low,close,volume,x,x\n"
+        "60000,1,2,0.5,1.5,10,a,b\n120000,2,2.5,1.5,2.25,7,a,b\n",
+    ],
+)
+def test_candle_files_load_the_columns_a_backtest_reads_sorted_by_open_time(tmp_path, text):
+    from gridstream.cli.backtest import load_file
+
+    path = tmp_path / "BTCUSDT-1m.csv"
+    path.write_text(text)
+    (bars,) = load_file(path)
+    assert (bars.symbol, bars.interval) == ("BTCUSDT", "1m")
+    assert bars.open_time.tolist() == [60000, 120000]
+    assert (bars.open, bars.high, bars.low) == (["1", "2"], ["2", "2.5"], ["0.5", "1.5"])
+    assert (bars.close, bars.volume) == (["1.5", "2.25"], ["10", "7"])
+    assert bars.close_units.tolist() == [150_000_000, 225_000_000]

@@ -118,8 +118,40 @@ def _first_line(path: Path) -> str:
         return str(fh.readline())
 
 
+#: The columns a backtest reads (lower-case, stripped); a file's others are not parsed.
+_READ_COLUMNS: Final = frozenset(
+    {"open_time_ms", "open_time", "open", "high", "low", "close", "volume", "symbol"}
+)
+_HEADERLESS_NAMES: Final = ("open_time_ms", "open", "high", "low", "close", "volume")
+
+
+def _csv_columns(first: str, headerless: bool) -> list[str] | list[int] | None:
+    """Which columns of a CSV whose first line is ``first`` to read: the names in its
+    header that a backtest reads, the first six of a headerless file, or None (all) when
+    the header's names are not plainly distinct."""
+    if headerless:
+        return list(range(len(_HEADERLESS_NAMES)))
+    names = next(csv.reader([first.rstrip("\r\n")]), [])
+    if len(set(names)) != len(names):
+        return None
+    return [c for c in names if c.strip().lower() in _READ_COLUMNS]
+
+
+def _read_csv(path: Path, headerless: bool, wanted: list[str] | list[int] | None) -> pl.DataFrame:
+    """The ``wanted`` columns of a CSV as text; all of them if those cannot be read (then
+    the same errors as ever)."""
+    if wanted:
+        try:
+            return pl.read_csv(
+                path, has_header=not headerless, infer_schema_length=0, columns=wanted
+            )
+        except pl.exceptions.PolarsError:
+            pass
+    return pl.read_csv(path, has_header=not headerless, infer_schema_length=0)
+
+
 def _frame(path: Path) -> pl.DataFrame:
-    """Every column as text (exact prices), lower-case names."""
+    """The columns a backtest reads, as text (exact prices), lower-case names."""
     if path.suffix == ".parquet":
         df = pl.read_parquet(path)
         df = df.select([pl.col(c).cast(pl.Utf8) for c in df.columns])
@@ -128,10 +160,9 @@ def _frame(path: Path) -> pl.DataFrame:
         if not first.strip():
             raise BacktestError(f"{path}: empty file")
         headerless = first.split(",")[0].strip().isdigit()
-        df = pl.read_csv(path, has_header=not headerless, infer_schema_length=0)
+        df = _read_csv(path, headerless, _csv_columns(first, headerless))
         if headerless:
-            names = ["open_time_ms", "open", "high", "low", "close", "volume"]
-            df = df.rename({c: n for c, n in zip(df.columns, names, strict=False)})
+            df = df.rename(dict(zip(df.columns, _HEADERLESS_NAMES, strict=False)))
     return df.rename({c: c.strip().lower() for c in df.columns})
 
 
@@ -170,7 +201,10 @@ def load_file(path: Path) -> list[Bars]:
             g = g.with_columns(pl.col("open_time_ms").cast(pl.Int64, strict=True))
         except pl.exceptions.PolarsError as exc:
             raise BacktestError(f"{path}: bad open time: {exc}") from None
-        g = g.sort("open_time_ms")
+        opens = g["open_time_ms"].to_numpy()
+        if len(opens) > 1 and not bool((opens[1:] > opens[:-1]).all()):
+            g = g.sort("open_time_ms")
+            opens = g["open_time_ms"].to_numpy()
         bad_rows = g.select(
             [
                 (
@@ -185,7 +219,6 @@ def load_file(path: Path) -> list[Bars]:
             row = int(flags.arg_true()[0])
             col = next(c for c in needed[1:] if bad_rows[c][row])
             raise BacktestError(f"{path}: bad candle row {row + 2}: {col}={g[col][row]!r}")
-        opens = g["open_time_ms"].to_numpy()
         repeated = np.flatnonzero(np.diff(opens) <= 0)
         if len(repeated):
             raise BacktestError(
