@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import re
 import zlib
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
@@ -73,6 +73,7 @@ _MAX_SYMBOL_CODE: Final = 16
 _RECENT: Final = 100_000
 
 
+@functools.lru_cache(maxsize=256)
 def to_base36(n: int) -> str:
     if n < 0:
         raise ValueError("base36 of a negative number")
@@ -184,20 +185,23 @@ class LiveOrder:
 
 
 class _Recent:
-    """A bounded set remembering the newest keys."""
+    """A bounded set remembering the newest keys (the oldest added is forgotten first)."""
 
     def __init__(self, maxlen: int = _RECENT) -> None:
         self.maxlen = maxlen
-        self._keys: OrderedDict[object, None] = OrderedDict()
+        self._keys: set[object] = set()
+        self._order: deque[object] = deque()
 
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
     def add(self, key: object) -> None:
-        self._keys[key] = None
-        self._keys.move_to_end(key)
-        while len(self._keys) > self.maxlen:
-            self._keys.popitem(last=False)
+        if key in self._keys:
+            return
+        self._keys.add(key)
+        self._order.append(key)
+        if len(self._order) > self.maxlen:
+            self._keys.discard(self._order.popleft())
 
 
 class GridEngine:
