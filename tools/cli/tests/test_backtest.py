@@ -276,3 +276,13 @@ def test_candle_files_load_the_columns_a_backtest_reads_sorted_by_open_time(tmp_
     assert (bars.open, bars.high, bars.low) == (["1", "2"], ["2", "2.5"], ["0.5", "1.5"])
     assert (bars.close, bars.volume) == (["1.5", "2.25"], ["10", "7"])
     assert bars.close_units.tolist() == [150_000_000, 225_000_000]
+
+
+def test_text_column_is_the_text_of_every_value_in_order():
+    from gridstream.cli.backtest import text_column
+
+    a, b = Decimal("1.50"), Decimal("-2E+3")
+    values = [a, a, a, b, Decimal("1.50"), a, b, b]
+    assert text_column(values).to_list() == [str(v) for v in values]
+    assert text_column([a, b]).to_list() == ["1.50", "-2E+3"]
+    assert text_column([]).to_list() == []

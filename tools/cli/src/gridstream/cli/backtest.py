@@ -451,16 +451,30 @@ def write_fills(result: BacktestResult, path: Path) -> None:
             )
 
 
+def text_column(values: Sequence[object]) -> pl.Series:
+    """``str`` of every value as a text column, made once per run of one object: an
+    equity curve holds the same ``Decimal`` over every bar its balances do not move (the
+    equity while flat, a position throughout), so most of its million texts are repeats."""
+    n = len(values)
+    if not n:
+        return pl.Series([], dtype=pl.Utf8)
+    ids = np.fromiter(map(id, values), dtype=np.uint64, count=n)
+    starts = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+    texts = pl.Series([str(values[i]) for i in starts.tolist()], dtype=pl.Utf8)
+    if len(starts) == n:
+        return texts
+    run = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, n)))
+    return texts.gather(run)
+
+
 def write_equity(result: BacktestResult, path: Path) -> None:
     curve = result.equity
-    columns = {
-        "time": curve.times,
-        "equity": [str(e) for e in curve.equity],
-        **{f"pos_{s}": [str(q) for q in curve.positions[n]] for n, s in enumerate(result.symbols)},
-    }
-    pl.DataFrame(
-        columns, schema={k: pl.Int64 if k == "time" else pl.Utf8 for k in columns}
-    ).write_csv(path)
+    columns = [
+        pl.Series("time", curve.times, dtype=pl.Int64),
+        text_column(curve.equity).alias("equity"),
+        *(text_column(curve.positions[n]).alias(f"pos_{s}") for n, s in enumerate(result.symbols)),
+    ]
+    pl.DataFrame(columns).write_csv(path)
 
 
 def _clean(obj: Any) -> Any:
