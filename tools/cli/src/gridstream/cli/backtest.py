@@ -171,6 +171,19 @@ def close_units(closes: pl.Series) -> np.ndarray | None:
     return price_units(closes, CLOSE_PLACES)
 
 
+def _check_numbers(path: Path, g: pl.DataFrame, columns: Sequence[str]) -> None:
+    """Every value of ``columns`` a finite number, else the first row that is not, named."""
+    finite = [
+        pl.col(c).cast(pl.Float64, strict=False).is_finite().fill_null(False) for c in columns
+    ]
+    if g.select(pl.all_horizontal([f.all() for f in finite])).item():
+        return
+    bad_rows = g.select([(~f).alias(c) for f, c in zip(finite, columns, strict=True)])
+    row = int(bad_rows.select(pl.any_horizontal(pl.all()))[:, 0].arg_true()[0])
+    col = next(c for c in columns if bad_rows[c][row])
+    raise BacktestError(f"{path}: bad candle row {row + 2}: {col}={g[col][row]!r}")
+
+
 def load_file(path: Path) -> list[Bars]:
     """The candles of one file, by symbol, sorted by open time."""
     if not path.exists():
@@ -205,20 +218,7 @@ def load_file(path: Path) -> list[Bars]:
         if len(opens) > 1 and not bool((opens[1:] > opens[:-1]).all()):
             g = g.sort("open_time_ms")
             opens = g["open_time_ms"].to_numpy()
-        bad_rows = g.select(
-            [
-                (
-                    pl.col(c).cast(pl.Float64, strict=False).is_null()
-                    | ~pl.col(c).cast(pl.Float64, strict=False).is_finite()
-                ).alias(c)
-                for c in needed[1:]
-            ]
-        )
-        flags = bad_rows.select(pl.any_horizontal(pl.all()).alias("bad"))["bad"]
-        if flags.any():
-            row = int(flags.arg_true()[0])
-            col = next(c for c in needed[1:] if bad_rows[c][row])
-            raise BacktestError(f"{path}: bad candle row {row + 2}: {col}={g[col][row]!r}")
+        _check_numbers(path, g, needed[1:])
         repeated = np.flatnonzero(np.diff(opens) <= 0)
         if len(repeated):
             raise BacktestError(
