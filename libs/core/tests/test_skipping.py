@@ -142,3 +142,22 @@ def test_the_plan_is_the_engines_grid_on_every_candle(inventory):
         assert sells == plan.sells[:kept, i].tolist()
         checked += 1
     assert checked > 2000
+
+
+def test_both_column_runs_report_progress_up_to_every_candle():
+    """A long run shows a progress bar: the skipping and the columnar runs tell it how
+    many candles they passed, in steps, adding up to every candle of every symbol."""
+    from gridstream.core.strategies.sma_cross import SmaCross
+
+    data = {s: bars(s, 30_000) for s in ("BTCUSDT", "ETHUSDT")}
+    syms = {s: SYMBOLS[s] for s in data}
+    for run in ("skipping", "columnar"):
+        told: list[int] = []
+        if run == "skipping":
+            signals = BatchSignals({s: SeriesColumns.of_bars(b) for s, b in data.items()})
+            bt = Backtester(GridEngine(), syms, cash=Decimal(700), signals=signals)
+            bt.run_skipping(data, told.append)
+        else:
+            Backtester(SmaCross(), syms, cash=Decimal(700)).run_columnar(data, told.append)
+        assert sum(told) == 60_000, run
+        assert len(told) >= 3 and all(t >= 10_000 for t in told[:-1]), (run, told)

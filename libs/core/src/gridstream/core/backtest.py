@@ -340,6 +340,25 @@ def price_units(texts: Sequence[str] | pl.Series, places: int = 8) -> np.ndarray
         return None
 
 
+class _Progress:
+    """Tells a progress callback the candles passed, in steps of at least 10,000."""
+
+    def __init__(self, progress: Callable[[int], None] | None, width: int) -> None:
+        self.progress = progress
+        self.width = width
+        self.done = 0
+
+    def at(self, bar: int) -> None:
+        if self.progress is not None and (bar - self.done) * self.width >= 10_000:
+            self.progress((bar - self.done) * self.width)
+            self.done = bar
+
+    def end(self, bars: int) -> None:
+        if self.progress is not None and bars > self.done:
+            self.progress((bars - self.done) * self.width)
+            self.done = bars
+
+
 @dataclass
 class _Order:
     intent: OrderIntent
@@ -481,10 +500,13 @@ class Backtester:
             self._record(last_time)
         return self.result()
 
-    def run_columnar(self, bars: Mapping[str, Bars]) -> BacktestResult:
+    def run_columnar(
+        self, bars: Mapping[str, Bars], progress: Callable[[int], None] | None = None
+    ) -> BacktestResult:
         """The same run for a :class:`ColumnarStrategy` over symbols that share one
         timeline: only the bars where it may decide, or where an order is open, are
         stepped through the engines; equity in between is the balances times the closes.
+        ``progress`` is told how many candles (bars x symbols) each stretch passed.
         """
         strategy = self.strategy
         if not isinstance(strategy, ColumnarStrategy):
@@ -503,8 +525,10 @@ class Backtester:
         base_of = {s: self.assets[s][0] for s in syms}
         # balances from each stepped bar on: (bar, quote balance, base balance by symbol)
         changes: list[tuple[int, Decimal, list[Decimal]]] = []
+        told = _Progress(progress, len(syms))
         while heap:
             j = heapq.heappop(heap)
+            told.at(j)
             stepped: dict[str, Candle] = {}
             for s in syms:
                 if self.book[s]:
@@ -525,6 +549,7 @@ class Backtester:
                     queued.add(j + 1)
                     heapq.heappush(heap, j + 1)
             changes.append((j, pf.balance(pf.quote), [pf.balance(base_of[s]) for s in syms]))
+        told.end(n)
         self._fill_curve(bars, syms, n, changes)
         for s in syms:
             self.first_open[s] = Decimal(bars[s].open[0]) if n else ZERO
@@ -534,12 +559,15 @@ class Backtester:
         self.candles = n * len(syms)
         return self.result()
 
-    def run_skipping(self, bars: Mapping[str, Bars]) -> BacktestResult:
+    def run_skipping(
+        self, bars: Mapping[str, Bars], progress: Callable[[int], None] | None = None
+    ) -> BacktestResult:
         """The same run for a :class:`SkippingStrategy` on :class:`BatchSignals`, over
         symbols that share one timeline: a symbol's candle is stepped through the engines
         only where its strategy may decide (``next_busy``) or its range reaches one of its
         orders; every other candle would do nothing but mark the portfolio, and equity in
-        between is the balances times the closes."""
+        between is the balances times the closes. ``progress`` is told how many candles
+        (bars x symbols) each stretch passed."""
         strategy, signals = self.strategy, self.signals
         if not isinstance(strategy, SkippingStrategy) or not isinstance(signals, BatchSignals):
             raise TypeError(f"{self.strategy.name}: no skipping run (or no batch signals)")
@@ -600,8 +628,10 @@ class Backtester:
         base_of = {s: self.assets[s][0] for s in syms}
         due = {s: next_busy(s, 0) for s in syms}
         changes: list[tuple[int, Decimal, list[Decimal]]] = []
+        told = _Progress(progress, len(syms))
         while True:
             j = min(due.values())
+            told.at(j)
             if j >= n:
                 break
             group = [(s, bars[s].candle(j)) for s in syms if due[s] == j]
@@ -617,6 +647,7 @@ class Backtester:
             changes.append((j, pf.balance(pf.quote), [pf.balance(base_of[s]) for s in syms]))
             for s, _c in group:
                 due[s] = next_busy(s, j + 1)
+        told.end(n)
         self._fill_curve(bars, syms, n, changes)
         for s in syms:
             self.first_open[s] = Decimal(bars[s].open[0]) if n else ZERO

@@ -539,15 +539,6 @@ def simulate(
         signals=signals,
         risk=risk,
     )
-    if risk is None and columnar(strat, series):
-        return bt.run_columnar(series)
-    if (
-        isinstance(strat, SkippingStrategy)
-        and isinstance(signals, BatchSignals)
-        and one_timeline(series)
-    ):
-        # the same fills, stepping only the candles where something can happen
-        return bt.run_skipping(series)
     total = sum(len(s) for s in series.values())
     bar = None
     if progress is not False and total >= PROGRESS_FROM:
@@ -556,10 +547,18 @@ def simulate(
         bar = tqdm(
             total=total, unit="candle", file=sys.stderr, disable=None if progress is None else False
         )
+    tell = bar.update if bar is not None else None
     try:
-        return bt.run(
-            {s: v.candles() for s, v in series.items()}, bar.update if bar is not None else None
-        )
+        if risk is None and columnar(strat, series):
+            return bt.run_columnar(series, tell)
+        if (
+            isinstance(strat, SkippingStrategy)
+            and isinstance(signals, BatchSignals)
+            and one_timeline(series)
+        ):
+            # the same fills, stepping only the candles where something can happen
+            return bt.run_skipping(series, tell)
+        return bt.run({s: v.candles() for s, v in series.items()}, tell)
     finally:
         if bar is not None:
             bar.close()
