@@ -525,7 +525,15 @@ async def test_a_service_trims_its_output_streams_only_of_what_its_consumers_hav
         await rt.producer.publish([(out, signal(open_time=i * 60_000)) for i in range(10)])
         assert await rt.trim_outputs() == 0  # the strategy group has read nothing yet
         got = await rt.redis.xreadgroup(S.group(S.Service.STRATEGY), "s-0", {out: ">"}, count=6)
-        await rt.redis.xack(out, S.group(S.Service.STRATEGY), *[eid for eid, _ in got[0][1]])
+        ids = [eid for eid, _ in got[0][1]]
+        await rt.redis.xack(out, S.group(S.Service.STRATEGY), *ids)
+        # retention 0 keeps what is newer than now: the clock must have left the
+        # millisecond of the acknowledged entries (all ten may share it), with a deadline
+        newest_ms = int(ids[-1].split(b"-")[0])
+        deadline = time.monotonic() + 10
+        while time.time_ns() // 1_000_000 <= newest_ms:
+            assert time.monotonic() < deadline, "the clock did not move past the entries"
+            await asyncio.sleep(0.001)
         assert await rt.trim_outputs() == 6
         assert await rt.redis.xlen(out) == 4
     finally:
