@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gridstream.core import performance
-from gridstream.core.backtest import Backtester, Bars, FillSettings
+from gridstream.core.backtest import Backtester, BacktestResult, Bars, FillSettings
 from gridstream.core.strategies.sma_cross import SmaCross, SmaCrossParams
 
 REPO = Path(__file__).resolve().parents[3]
@@ -68,6 +68,13 @@ def test_columnar_run_equals_the_candle_by_candle_run(fill, cash, params):
     columnar = Backtester(SmaCross(params), SYMBOLS, cash=Decimal(cash), fill=fill)
     b = columnar.run_columnar(data)
     assert len(a.fills) > 20
+    assert_same_run(b, a)
+    if cash == "150":
+        assert a.rejected  # the case really had rejections
+
+
+def assert_same_run(b: BacktestResult, a: BacktestResult) -> None:
+    """Run ``b`` is run ``a``: fills, equity curve, portfolio, rejections, order states."""
     assert b.fills == a.fills
     assert b.equity.times == a.equity.times
     assert b.equity.equity == a.equity.equity
@@ -77,10 +84,10 @@ def test_columnar_run_equals_the_candle_by_candle_run(fill, cash, params):
     assert b.portfolio.realised() == a.portfolio.realised()
     assert b.portfolio.unrealised() == a.portfolio.unrealised()
     assert [r.client_order_id for r in b.rejected] == [r.client_order_id for r in a.rejected]
+    assert {k: v.status for k, v in b.orders.items()} == {k: v.status for k, v in a.orders.items()}
+    assert b.levels == a.levels
     assert b.candles == a.candles and b.first_open == a.first_open
     assert performance.compute(b) == performance.compute(a)  # the metrics to the last digit
-    if cash == "150":
-        assert a.rejected  # the case really had rejections
 
 
 def test_no_decisions_on_candles_of_another_interval():

@@ -23,7 +23,7 @@ from gridstream.core.signals.batch import BatchSignals, SeriesColumns
 from gridstream.core.strategies import grid_scan
 from gridstream.core.strategies.grid import GridEngine, GridParams
 
-from .test_columnar import bars
+from .test_columnar import assert_same_run, bars
 
 SYMBOLS = {s: (s[:-4], "USDT") for s in ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")}
 N = 5000
@@ -84,17 +84,7 @@ def test_skipping_run_equals_the_candle_by_candle_run(params, fill, cash, exposu
     skipping._fills_in = counted  # type: ignore[method-assign]
     b = skipping.run_skipping(data)
     assert len(a.fills) > 100
-    assert b.fills == a.fills
-    assert [r.client_order_id for r in b.rejected] == [r.client_order_id for r in a.rejected]
-    assert b.equity.times == a.equity.times
-    assert b.equity.equity == a.equity.equity
-    assert b.equity.positions == a.equity.positions
-    assert b.equity.prices == a.equity.prices
-    assert b.portfolio.balances == a.portfolio.balances
-    assert b.portfolio.realised() == a.portfolio.realised()
-    assert {k: v.status for k, v in b.orders.items()} == {k: v.status for k, v in a.orders.items()}
-    assert b.levels == a.levels
-    assert b.candles == a.candles and b.first_open == a.first_open
+    assert_same_run(b, a)
     if most_stepped is not None:  # it skips (with too little cash the grid retries a lot)
         assert len(stepped) < most_stepped * N * len(SYMBOLS)
 

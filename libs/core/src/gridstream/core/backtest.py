@@ -550,14 +550,7 @@ class Backtester:
                     heapq.heappush(heap, j + 1)
             changes.append((j, pf.balance(pf.quote), [pf.balance(base_of[s]) for s in syms]))
         told.end(n)
-        self._fill_curve(bars, syms, n, changes)
-        for s in syms:
-            self.first_open[s] = Decimal(bars[s].open[0]) if n else ZERO
-            if n:
-                self.last_close[s] = Decimal(bars[s].close[-1])
-                pf.mark(s, self.last_close[s])
-        self.candles = n * len(syms)
-        return self.result()
+        return self._finish(bars, syms, n, changes)
 
     def run_skipping(
         self, bars: Mapping[str, Bars], progress: Callable[[int], None] | None = None
@@ -648,12 +641,23 @@ class Backtester:
             for s, _c in group:
                 due[s] = next_busy(s, j + 1)
         told.end(n)
+        return self._finish(bars, syms, n, changes)
+
+    def _finish(
+        self,
+        bars: Mapping[str, Bars],
+        syms: list[str],
+        n: int,
+        changes: list[tuple[int, Decimal, list[Decimal]]],
+    ) -> BacktestResult:
+        """The end of a run over columns: the equity curve from the balances of each
+        stepped bar on, every symbol marked at its last close."""
         self._fill_curve(bars, syms, n, changes)
         for s in syms:
             self.first_open[s] = Decimal(bars[s].open[0]) if n else ZERO
             if n:
                 self.last_close[s] = Decimal(bars[s].close[-1])
-                pf.mark(s, self.last_close[s])
+                self.portfolio.mark(s, self.last_close[s])
         self.candles = n * len(syms)
         return self.result()
 
