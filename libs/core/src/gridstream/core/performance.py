@@ -174,12 +174,15 @@ def compute(result: BacktestResult) -> dict[str, Any]:
         "candles": result.candles,
         "interval_ms": result.interval_ms,
         "years": years,
-        "buy_and_hold": buy_and_hold(result, per_year, years),
+        "buy_and_hold": buy_and_hold(result, per_year, years, times),
     }
 
 
-def buy_and_hold(result: BacktestResult, per_year: float, years: float) -> dict[str, Any]:
-    """The same cash split equally, each symbol bought at its first open and held."""
+def buy_and_hold(
+    result: BacktestResult, per_year: float, years: float, times: np.ndarray | None = None
+) -> dict[str, Any]:
+    """The same cash split equally, each symbol bought at its first open and held
+    (``times``: the curve's times as an array, when the caller has them)."""
     curve = result.equity
     symbols = [s for s in result.symbols if s in result.first_open]
     if not symbols or not len(curve):
@@ -194,7 +197,8 @@ def buy_and_hold(result: BacktestResult, per_year: float, years: float) -> dict[
         eq += np.where(np.isnan(px), cash, qty * px)
     start = float(result.start_cash)
     end = float(eq[-1])
-    times = np.asarray(curve.times, dtype=np.int64)
+    if times is None:
+        times = np.asarray(curve.times, dtype=np.int64)
     mdd, _, _ = drawdown(times, eq)
     return {
         "total_return": end / start - 1,
