@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-from gridstream.common.binance.market import INTERVAL_MS
+from gridstream.common.intervals import MINUTE_MS as MINUTE_MS
+from gridstream.common.intervals import MINUTE_TO_DAY_MS
 from gridstream.core import fills as fill_rules
 
-MINUTE_MS = 60_000
 Q8 = Decimal("0.00000001")
 ZERO = Decimal(0)
 #: The kline intervals the simulator serves: Binance's, from one minute to one day.
-INTERVALS_MS = {k: v for k, v in INTERVAL_MS.items() if MINUTE_MS <= v <= 86_400_000}
+INTERVALS_MS = MINUTE_TO_DAY_MS
 INTERVAL_NAMES = {ms: name for name, ms in INTERVALS_MS.items()}
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import polars as pl
 
 from gridstream.common.binance.filters import SymbolFilters, parse_exchange_info
-from gridstream.common.binance.market import INTERVAL_MS
+from gridstream.common.intervals import INTERVAL_MS
 from gridstream.core import performance
 from gridstream.core.backtest import (
     CLOSE_PLACES,

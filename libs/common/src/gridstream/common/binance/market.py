@@ -36,28 +36,11 @@ import aiohttp
 import msgspec
 
 from gridstream.common.binance.filters import SymbolFilters, parse_exchange_info
+from gridstream.common.intervals import INTERVAL_MS as INTERVAL_MS
 from gridstream.common.messages import Candle, Side, Tick, deterministic_id
 
 NS_PER_MS: Final = 1_000_000
 
-#: Milliseconds per Binance kline interval (``1M`` is omitted: months vary in length).
-INTERVAL_MS: Final[Mapping[str, int]] = {
-    "1s": 1_000,
-    "1m": 60_000,
-    "3m": 180_000,
-    "5m": 300_000,
-    "15m": 900_000,
-    "30m": 1_800_000,
-    "1h": 3_600_000,
-    "2h": 7_200_000,
-    "4h": 14_400_000,
-    "6h": 21_600_000,
-    "8h": 28_800_000,
-    "12h": 43_200_000,
-    "1d": 86_400_000,
-    "3d": 259_200_000,
-    "1w": 604_800_000,
-}
 
 EVENT_TRADE: Final = "trade"
 EVENT_AGG_TRADE: Final = "aggTrade"

@@ -13,24 +13,12 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Final
 
+from gridstream.common.intervals import MINUTE_MS as MINUTE_MS
+from gridstream.common.intervals import MINUTE_TO_DAY_MS
 from gridstream.common.messages import Candle, deterministic_id
 
-MINUTE_MS: Final = 60_000
-#: Binance's kline intervals that are whole minutes, in milliseconds.
-INTERVAL_MS: Final[dict[str, int]] = {
-    "1m": MINUTE_MS,
-    "3m": 3 * MINUTE_MS,
-    "5m": 5 * MINUTE_MS,
-    "15m": 15 * MINUTE_MS,
-    "30m": 30 * MINUTE_MS,
-    "1h": 60 * MINUTE_MS,
-    "2h": 120 * MINUTE_MS,
-    "4h": 240 * MINUTE_MS,
-    "6h": 360 * MINUTE_MS,
-    "8h": 480 * MINUTE_MS,
-    "12h": 720 * MINUTE_MS,
-    "1d": 1440 * MINUTE_MS,
-}
+#: Binance's kline intervals that are whole minutes, up to a day, in milliseconds.
+INTERVAL_MS: Final = MINUTE_TO_DAY_MS
 #: Source tag of candles built here.
 AGG_SOURCE: Final = "agg"
 
