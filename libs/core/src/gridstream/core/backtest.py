@@ -167,7 +167,9 @@ class EquityCurve:
     times: list[int] = field(default_factory=list)
     equity: list[Decimal] = field(default_factory=list)
     positions: list[list[Decimal]] = field(default_factory=list)
-    prices: list[list[Decimal | None]] = field(default_factory=list)
+    _prices: list[list[Decimal | None]] = field(default_factory=list)
+    #: The prices as the candles' text, until :attr:`prices` is read (a column run).
+    _price_text: list[list[str]] | None = None
     #: The same as floats, for analytics (set by the columnar run, else made on demand).
     _equity_f: np.ndarray | None = None
     _prices_f: list[np.ndarray] | None = None
@@ -176,7 +178,16 @@ class EquityCurve:
     def __post_init__(self) -> None:
         if not self.positions:
             self.positions = [[] for _ in self.symbols]
-            self.prices = [[] for _ in self.symbols]
+            self._prices = [[] for _ in self.symbols]
+
+    @property
+    def prices(self) -> list[list[Decimal | None]]:
+        """Each symbol's last price at each point (made from the candles' text when first
+        read after a column run: most runs never read them)."""
+        if self._price_text is not None:
+            self._prices = [[Decimal(x) for x in col] for col in self._price_text]
+            self._price_text = None
+        return self._prices
 
     def equity_floats(self) -> np.ndarray:
         if self._equity_f is None:
@@ -338,6 +349,19 @@ def price_units(texts: Sequence[str] | pl.Series, places: int = 8) -> np.ndarray
         return out
     except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError):
         return None
+
+
+def _floats_of(values: list[Decimal]) -> np.ndarray:
+    """``float(v)`` of every value, converting once per run of the same object (a flat
+    stretch of an equity curve repeats one Decimal)."""
+    out = np.empty(len(values), dtype=np.float64)
+    last: object = None
+    f = 0.0
+    for i, v in enumerate(values):
+        if v is not last:
+            last, f = v, float(v)
+        out[i] = f
+    return out
 
 
 class _Progress:
@@ -671,9 +695,9 @@ class Backtester:
         curve = self.equity
         ms = bars[syms[0]].interval_ms
         curve.times = (bars[syms[0]].open_time + (ms - 1)).tolist()
-        closes = [[Decimal(x) for x in bars[s].close] for s in syms]
+        texts = [bars[s].close for s in syms]
         closes_f = [bars[s].close_units / 10**CLOSE_PLACES for s in syms]
-        curve.prices = [list(c) for c in closes]
+        curve._price_text = texts
         # balances are constant between stepped bars: one segment per change
         starts = np.asarray([0] + [j for j, _q, _h in changes], dtype=np.int64)
         quotes = [self.start_cash] + [q for _j, q, _h in changes]
@@ -698,16 +722,16 @@ class Backtester:
                 held_any |= live
                 equity_f = equity_f + held_kf * closes_f[k]
                 idx = np.flatnonzero(live)
-                close_k = closes[k]
+                close_k = texts[k]  # a close made exact only where a position is held
                 equity_obj[idx] = [
-                    e + h * close_k[i]
+                    e + h * Decimal(close_k[i])
                     for i, e, h in zip(idx.tolist(), equity_obj[idx], held_k[idx], strict=True)
                 ]
         equity = equity_obj.tolist()
         curve.equity = equity
-        # floats of the exact equity, as the candle-by-candle run makes them: the metrics
-        # of the two runs agree to the last digit
-        curve._equity_f = np.asarray([float(e) for e in equity], dtype=np.float64)
+        # floats of the exact equity, as the candle-by-candle run makes them (the metrics
+        # of the two runs agree to the last digit): one conversion per run of one object
+        curve._equity_f = _floats_of(equity)
         del equity_f
         curve._prices_f = closes_f
         curve._held = held_any
