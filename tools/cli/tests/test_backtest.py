@@ -94,6 +94,22 @@ def test_grid_on_two_symbols_writes_every_output(tmp_path, slice_file):
     assert html.count('class="plot"') == 4  # equity, drawdown, one price plot per symbol
 
 
+def test_rejected_orders_are_counted_by_reason_and_told(tmp_path, slice_file):
+    """Too little cash for the grid's buys: the venue's balance check rejects them, and the
+    trader is told how many and why (metrics.json and the command's output)."""
+    files = [str(slice_file("BTCUSDT", 1))]
+    out = tmp_path / "out"
+    run = backtest("--strategy", "grid", "--candles", *files, "--out", str(out), "--cash", "30")
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rejected_orders"] > 0
+    assert metrics["rejections"] == {"INSUFFICIENT_BALANCE": metrics["rejected_orders"]}
+    assert f"{metrics['rejected_orders']:,} orders rejected (INSUFFICIENT_BALANCE" in run.stdout
+    run = backtest("--strategy", "grid", "--candles", *files, "--out", str(out), "--cash", "1e6")
+    assert json.loads((out / "metrics.json").read_text())["rejected_orders"] == 0
+    assert "orders rejected" not in run.stdout
+
+
 def test_parquet_and_csv_give_the_same_backtest(tmp_path, slice_file):
     csv_file = slice_file("SOLUSDT", 2)
     pq = tmp_path / "sol.parquet"

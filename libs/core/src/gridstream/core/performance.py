@@ -29,7 +29,7 @@ per year, no risk-free rate):
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, Final
@@ -168,6 +168,8 @@ def compute(result: BacktestResult) -> dict[str, Any]:
         "fees": float(pf.fees()),
         "round_trips": len(trips),
         "fills": len(result.fills),
+        "rejected_orders": len(result.rejected),
+        "rejections": dict(sorted(Counter(r.reason for r in result.rejected).items())),
         "grid_profit": float(pf.realised()),
         "inventory_pnl": float(pf.unrealised()),
         "bars": len(times),

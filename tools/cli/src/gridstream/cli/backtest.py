@@ -641,6 +641,12 @@ def run(
         f"{len(result.fills):,} fills in {elapsed:.2f}s"
     )
     emit(table(metrics))
+    if metrics["rejected_orders"]:
+        reasons = ", ".join(f"{r} {n:,}" for r, n in metrics["rejections"].items())
+        emit(
+            f"{metrics['rejected_orders']:,} orders rejected ({reasons}): the strategy asked"
+            " for more than the cash, the position or the risk rules allowed"
+        )
     emit(f"wrote {out}/{{{FILLS_CSV},{EQUITY_CSV},{METRICS_JSON},{REPORT_HTML}}}")
     return metrics
 
