@@ -207,9 +207,12 @@ async def test_flush_interval_writes_without_more_data(redis_url, tmp_path):
     stop = asyncio.Event()
     task = asyncio.create_task(a.run(stop))
     deadline = time.monotonic() + 60
-    while not store.list() and time.monotonic() < deadline:
+    # the part and then its checksum sidecar: wait for both (a look between the two writes
+    # sees one file)
+    while len(store.list()) < 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert len(store.list()) == 2
+    keys = store.list()
+    assert len(keys) == 2 and keys[1] == f"{keys[0]}.sha256", keys
     stop.set()
     await asyncio.wait_for(task, 5)
     await redis.aclose()

@@ -60,6 +60,14 @@ async def test_ingestor_against_the_simulator(redis_url: str, database_url: str)
             await asyncio.sleep(0.2)
         rt.request_stop()
         await asyncio.wait_for(task, 10)
+        # the table once the ingestor has stopped: it may have written a candle after the
+        # last look above (and published it: a candle goes to Postgres, then to the stream)
+        conn = await asyncpg.connect(database_url)
+        try:
+            db_rows = await conn.fetch("SELECT * FROM candles ORDER BY open_time")
+        finally:
+            await conn.close()
+        sources = [x["source"] for x in db_rows]
         assert sources.count("rest") >= 1 and sources.count("ws") >= 3
         # contiguous (no gap, no duplicate) and equal to the real source candles
         by_open = {int(x["open_time_ms"]): x for x in rows}
