@@ -97,23 +97,24 @@ def test_the_plan_is_the_engines_grid_on_every_candle(inventory):
     signals = BatchSignals({"ETHUSDT": SeriesColumns.of_bars(b)})
     params = GridParams(levels=4, order_quote=Decimal("25"))
     engine = GridEngine(params)
-    engine.on_filled(
-        OrderFilled(
-            id="f1",
-            ts_event=0,
-            ts_init=0,
-            symbol="ETHUSDT",
-            client_order_id="x",
-            venue_order_id="x",
-            trade_id="1",
-            side="BUY",
-            price=Decimal("1"),
-            qty=Decimal(inventory),
-            fee=Decimal(0),
-            fee_asset="ETH",
-            liquidity="maker",
+    if inventory != "0":
+        engine.on_filled(
+            OrderFilled(
+                id="f1",
+                ts_event=0,
+                ts_init=0,
+                symbol="ETHUSDT",
+                client_order_id="x",
+                venue_order_id="x",
+                trade_id="1",
+                side="BUY",
+                price=Decimal("1"),
+                qty=Decimal(inventory),
+                fee=Decimal(0),
+                fee_asset="ETH",
+                liquidity="maker",
+            )
         )
-    ) if inventory != "0" else None
     plan = grid_scan.plan(params, "ETHUSDT", signals.columns("ETHUSDT"), b.close_units, 8)
     assert plan is not None
     tick, step = params.tick("ETHUSDT"), params.step("ETHUSDT")

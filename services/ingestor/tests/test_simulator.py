@@ -49,11 +49,7 @@ async def test_ingestor_against_the_simulator(redis_url: str, database_url: str)
         deadline = time.monotonic() + 30
         sources: list[str] = []
         while time.monotonic() < deadline:
-            conn = await asyncpg.connect(database_url)
-            try:
-                db_rows = await conn.fetch("SELECT * FROM candles ORDER BY open_time")
-            finally:
-                await conn.close()
+            db_rows = await candle_rows(database_url)
             sources = [x["source"] for x in db_rows]
             if sources.count("ws") >= 3 and await r.xlen(stream(Kind.TICKS, SYMBOL)) > 0:
                 break
@@ -62,11 +58,7 @@ async def test_ingestor_against_the_simulator(redis_url: str, database_url: str)
         await asyncio.wait_for(task, 10)
         # the table once the ingestor has stopped: it may have written a candle after the
         # last look above (and published it: a candle goes to Postgres, then to the stream)
-        conn = await asyncpg.connect(database_url)
-        try:
-            db_rows = await conn.fetch("SELECT * FROM candles ORDER BY open_time")
-        finally:
-            await conn.close()
+        db_rows = await candle_rows(database_url)
         sources = [x["source"] for x in db_rows]
         assert sources.count("rest") >= 1 and sources.count("ws") >= 3
         # contiguous (no gap, no duplicate) and equal to the real source candles
@@ -92,3 +84,12 @@ async def test_ingestor_against_the_simulator(redis_url: str, database_url: str)
         await rt.close()
         await r.aclose()
         await runner.cleanup()
+
+
+async def candle_rows(database_url: str) -> list[asyncpg.Record]:
+    """The candles table, oldest first."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetch("SELECT * FROM candles ORDER BY open_time")
+    finally:
+        await conn.close()

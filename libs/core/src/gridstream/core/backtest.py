@@ -327,6 +327,12 @@ class SkippingStrategy(Protocol):
     def next_busy(self, symbol: str, plan: Any, start: int, stop: int) -> int: ...
 
 
+def one_timeline(bars: Mapping[str, Bars]) -> bool:
+    """Do all the series open at the same times (what the column runs need)?"""
+    series = list(bars.values())
+    return all(np.array_equal(b.open_time, series[0].open_time) for b in series[1:])
+
+
 def price_units(texts: Sequence[str] | pl.Series, places: int = 8) -> np.ndarray | None:
     """Prices given as plain decimal text (a list, or a text column), as exact integers of
     ``10**-places`` (None if one has more decimals or is not plain decimal text)."""
@@ -537,7 +543,7 @@ class Backtester:
             raise TypeError(f"{self.strategy.name} has no columnar decisions")
         syms = sorted(bars)
         first = bars[syms[0]]
-        if any(not np.array_equal(bars[s].open_time, first.open_time) for s in syms[1:]):
+        if not one_timeline(bars):
             raise ValueError("the columnar run needs one timeline for every symbol")
         n = len(first)
         decisions = {s: strategy.decision_bars(bars[s]) for s in syms}
@@ -590,7 +596,7 @@ class Backtester:
             raise TypeError(f"{self.strategy.name}: no skipping run (or no batch signals)")
         syms = sorted(bars)
         first = bars[syms[0]]
-        if any(not np.array_equal(bars[s].open_time, first.open_time) for s in syms[1:]):
+        if not one_timeline(bars):
             raise ValueError("the skipping run needs one timeline for every symbol")
         from gridstream.core import scan
 

@@ -59,6 +59,7 @@ from gridstream.core.backtest import (
     ColumnarStrategy,
     FillSettings,
     SkippingStrategy,
+    one_timeline,
     price_units,
 )
 from gridstream.core.risk import DEFAULT_MAX_EXPOSURE_QUOTE, RiskEngine
@@ -316,13 +317,6 @@ def load_candles(specs: Sequence[str], database_url: str | None = None) -> dict[
     if not by_symbol:
         raise BacktestError("no candles")
     return by_symbol
-
-
-def one_timeline(bars: Mapping[str, Bars]) -> bool:
-    """Do all the series open at the same times?"""
-    series = list(bars.values())
-    first = series[0].open_time
-    return all(np.array_equal(b.open_time, first) for b in series[1:])
 
 
 def columnar(strategy: object, bars: Mapping[str, Bars]) -> bool:
